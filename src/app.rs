@@ -1,0 +1,112 @@
+//! The running service's shared state: the current configuration snapshot (routes and backends, swapped
+//! whole on reload so a request in flight keeps the snapshot it started with) and the caches that
+//! outlive a reload (where each digest was found, manifests by digest, backends caught serving bad bytes).
+//!
+//! The caches are bounded; they only ever make a request cheaper, never change its answer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use crate::backend::{Backend, BuildError};
+use crate::config::Config;
+use crate::registry::Digest;
+use crate::route::{Route, Router};
+
+/// One consistent view of the configuration.
+pub struct Snapshot {
+    pub config: Config,
+    pub router: Router,
+    pub backends: HashMap<String, Arc<Backend>>,
+}
+
+impl Snapshot {
+    pub fn new(config: Config) -> Result<Snapshot, BuildError> {
+        let router = Router::new(&config);
+        let mut backends = HashMap::new();
+        for (name, b) in &config.backends {
+            backends.insert(name.clone(), Arc::new(Backend::new(name, b)?));
+        }
+        Ok(Snapshot { config, router, backends })
+    }
+
+    /// The route's backends in the order to try them: the one that last served `digest` first, then
+    /// the configured order; backends known to serve bad bytes for `digest` are left out.
+    pub fn candidates(&self, app: &App, route: &Route, digest: Option<&Digest>) -> Vec<Arc<Backend>> {
+        let mut out: Vec<Arc<Backend>> = Vec::with_capacity(route.backends.len());
+        let hint = digest.and_then(|d| app.locations.get(d));
+        if let Some(h) = &hint {
+            if route.backends.iter().any(|b| **b == **h) {
+                out.extend(self.backends.get(&**h).cloned());
+            }
+        }
+        for name in &route.backends {
+            if hint.as_deref() == Some(name.as_str()) {
+                continue;
+            }
+            if let Some(d) = digest {
+                if app.bad.contains_key(&(Arc::from(name.as_str()), d.clone())) {
+                    continue;
+                }
+            }
+            out.extend(self.backends.get(name).cloned());
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+pub struct CachedManifest {
+    pub content_type: HeaderValue,
+    pub bytes: Bytes,
+}
+
+pub struct App {
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// digest → name of the backend that last served it.
+    pub locations: moka::sync::Cache<Digest, Arc<str>>,
+    /// Manifests by digest: immutable, small, and asked for again by every client of an image.
+    pub manifests: moka::sync::Cache<Digest, CachedManifest>,
+    /// (backend, digest) pairs whose bytes did not hash to the digest: not asked again for a while.
+    pub bad: moka::sync::Cache<(Arc<str>, Digest), ()>,
+}
+
+/// Memory the manifest cache may use.
+const MANIFEST_CACHE_BYTES: u64 = 16 << 20;
+
+impl App {
+    pub fn new(config: Config) -> Result<App, BuildError> {
+        Ok(App {
+            snapshot: RwLock::new(Arc::new(Snapshot::new(config)?)),
+            locations: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(24 * 3600))
+                .build(),
+            manifests: moka::sync::Cache::builder()
+                .max_capacity(MANIFEST_CACHE_BYTES)
+                .weigher(|_, m: &CachedManifest| m.bytes.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+            bad: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build(),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.snapshot.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Apply a new, already validated configuration to requests that start from now on.
+    pub fn reload(&self, config: Config) -> Result<(), BuildError> {
+        let snap = Arc::new(Snapshot::new(config)?);
+        match self.snapshot.write() {
+            Ok(mut s) => *s = snap,
+            Err(poisoned) => *poisoned.into_inner() = snap,
+        }
+        Ok(())
+    }
+}

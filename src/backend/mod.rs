@@ -1,0 +1,278 @@
+//! One backend registry: how a repository name maps to its path (`prefix`, e.g. a Harbor project), how
+//! regmux authenticates to it, and one fetch that answers [`Answer::Found`], [`Answer::Missing`] or
+//! [`Answer::Failed`] (`DESIGN.md`, "Request path", step 4).
+//!
+//! A backend knows nothing of routes, clients or the ledger. It never passes a backend challenge or
+//! credential outward: a 401 is handled here (token flow) or becomes `Failed`.
+
+pub mod auth;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::config::{BackendConfig, BackendKind, Redirects};
+use crate::registry::challenge::{parse_challenge, Challenge};
+use crate::registry::RepoName;
+use auth::{Credentials, Secret, TokenCache, TokenKey};
+
+pub struct Backend {
+    pub name: Arc<str>,
+    pub kind: BackendKind,
+    pub verify_digests: bool,
+    pub redirects: Redirects,
+    /// `scheme://host[:port]`, no trailing slash.
+    base: String,
+    prefix: Option<RepoName>,
+    client: reqwest::Client,
+    credentials: Option<Credentials>,
+    timeout: Duration,
+    /// The last challenge seen, so that later requests authenticate up front instead of paying a 401
+    /// round trip each time.
+    challenge: RwLock<Option<Challenge>>,
+    tokens: TokenCache,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("name", &self.name).field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+/// What one backend said about one request.
+#[derive(Debug)]
+pub enum Answer {
+    /// A success (2xx), a 416 for a range, or a redirect that is passed on: this backend answers.
+    Found(reqwest::Response),
+    /// The backend does not have it (404, 400, 410).
+    Missing(StatusCode),
+    /// The backend could not answer (connection, timeout, 5xx, 429, refused credentials).
+    Failed(FetchError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("connection: {0}")]
+    Connect(#[source] reqwest::Error),
+    #[error("no response headers within {0:?}")]
+    Timeout(Duration),
+    #[error("answered {0}")]
+    Status(StatusCode),
+    #[error("authentication: {0}")]
+    Token(#[source] Arc<auth::TokenError>),
+    #[error("authentication refused (401) and no usable challenge or credentials")]
+    Unauthorized,
+    #[error("repository name too long with this backend's prefix")]
+    NameTooLong,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("backend {name}: cannot read password_file {path}: {source}")]
+    PasswordFile { name: String, path: String, source: std::io::Error },
+    #[error("backend {name}: cannot use ca_file {path}: {message}")]
+    CaFile { name: String, path: String, message: String },
+    #[error("backend {name}: {source}")]
+    Client { name: String, source: reqwest::Error },
+}
+
+impl Backend {
+    pub fn new(name: &str, cfg: &BackendConfig) -> Result<Backend, BuildError> {
+        let password = match (&cfg.password, &cfg.password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|source| BuildError::PasswordFile {
+                    name: name.into(),
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Some(text.trim_end_matches(['\r', '\n']).to_owned())
+            }
+            (None, None) => None,
+        };
+        let credentials = match (&cfg.username, password) {
+            (Some(u), Some(p)) => Some(Credentials { username: u.clone(), password: Secret(p.into()) }),
+            _ => None,
+        };
+        // Redirects: reqwest drops `Authorization` (and other sensitive headers) when a redirect leaves
+        // the original host, so a backend's credential never reaches object storage (cf. CVE-2018-1000007
+        // class of bugs in curl). "pass" hands the 3xx to the client instead.
+        let redirect = match cfg.redirects {
+            Redirects::Follow => reqwest::redirect::Policy::limited(5),
+            Redirects::Pass => reqwest::redirect::Policy::none(),
+        };
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("regmux/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .redirect(redirect)
+            .connect_timeout(cfg.connect_timeout())
+            // An idle body (a trickling backend) ends the stream; the client then sees a cut body.
+            .read_timeout(cfg.timeout())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true);
+        if let Some(path) = &cfg.ca_file {
+            let err =
+                |message: String| BuildError::CaFile { name: name.into(), path: path.display().to_string(), message };
+            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(err("no PEM certificate in it".into()));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        if cfg.insecure_skip_verify {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        let client = builder.build().map_err(|source| BuildError::Client { name: name.into(), source })?;
+        Ok(Backend {
+            name: name.into(),
+            kind: cfg.kind,
+            verify_digests: cfg.verify_digests,
+            redirects: cfg.redirects,
+            base: cfg.url.trim_end_matches('/').to_owned(),
+            prefix: cfg.prefix.as_deref().and_then(|p| p.parse().ok()),
+            client,
+            credentials,
+            timeout: cfg.timeout(),
+            challenge: RwLock::new(None),
+            tokens: auth::token_cache(),
+        })
+    }
+
+    /// The repository name on this backend: `prefix/name`.
+    pub fn map_name(&self, name: &RepoName) -> Result<RepoName, FetchError> {
+        match &self.prefix {
+            Some(p) => name.with_prefix(p).map_err(|_| FetchError::NameTooLong),
+            None => Ok(name.clone()),
+        }
+    }
+
+    /// The client's name for a repository of this backend's catalog; `None` if it lies outside `prefix`.
+    pub fn unmap_name(&self, name: &RepoName) -> Option<RepoName> {
+        match &self.prefix {
+            Some(p) => name.strip_prefix(p),
+            None => Some(name.clone()),
+        }
+    }
+
+    /// Send one request to this backend. `path_and_query` starts with `/v2/` and is built from
+    /// validated parts only; `repo` is the mapped repository (for the token scope), `None` for the
+    /// catalog. `headers` are the client headers to forward (`Accept`, `Range`).
+    pub async fn fetch(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        repo: Option<&RepoName>,
+        headers: &HeaderMap,
+    ) -> Answer {
+        let scope = match repo {
+            Some(r) => format!("repository:{r}:pull"),
+            None => "registry:catalog:*".to_owned(),
+        };
+        let url = format!("{}{}", self.base, path_and_query);
+        let mut authorization = match self.authorization(&scope).await {
+            Ok(a) => a,
+            Err(e) => return Answer::Failed(e),
+        };
+        let mut retried = false;
+        loop {
+            let resp = match self.send(method, &url, headers, authorization.as_ref()).await {
+                Ok(r) => r,
+                Err(e) => return Answer::Failed(e),
+            };
+            if resp.status() != StatusCode::UNAUTHORIZED {
+                return classify(resp, self.redirects);
+            }
+            if retried {
+                return Answer::Failed(FetchError::Status(StatusCode::UNAUTHORIZED));
+            }
+            retried = true;
+            // A 401: learn the challenge, drop a token that was refused (expired or insufficient_scope)
+            // and try once more with a fresh one.
+            let challenge = resp
+                .headers()
+                .get(http::header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_challenge);
+            let Some(challenge) = challenge else {
+                return Answer::Failed(FetchError::Unauthorized);
+            };
+            if let Challenge::Bearer { realm, service, .. } = &challenge {
+                let key = TokenKey { realm: realm.clone(), service: service.clone(), scope: scope.clone() };
+                self.tokens.invalidate(&key).await;
+            }
+            if let Ok(mut slot) = self.challenge.write() {
+                *slot = Some(challenge);
+            }
+            authorization = match self.authorization(&scope).await {
+                Ok(Some(a)) => Some(a),
+                Ok(None) => return Answer::Failed(FetchError::Unauthorized),
+                Err(e) => return Answer::Failed(e),
+            };
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        authorization: Option<&Secret>,
+    ) -> Result<reqwest::Response, FetchError> {
+        let mut req = self.client.request(method.clone(), url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if let Some(a) = authorization {
+            req = req.header(http::header::AUTHORIZATION, &*a.0);
+        }
+        match tokio::time::timeout(self.timeout, req.send()).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) if e.is_timeout() => Err(FetchError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(FetchError::Connect(e)),
+            Err(_) => Err(FetchError::Timeout(self.timeout)),
+        }
+    }
+
+    /// The `Authorization` value for `scope`, from the last challenge: Basic with the credentials, or a
+    /// (cached) bearer token. `None` before any challenge was seen.
+    async fn authorization(&self, scope: &str) -> Result<Option<Secret>, FetchError> {
+        let challenge = self.challenge.read().ok().and_then(|c| c.clone());
+        match challenge {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(self.credentials.as_ref().map(|c| Secret(c.basic_header().into()))),
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                let key = TokenKey { realm, service, scope: scope.to_owned() };
+                let started = Instant::now();
+                let token = self
+                    .tokens
+                    .try_get_with(key.clone(), async {
+                        let t = auth::fetch_token(&self.client, &key, self.credentials.as_ref(), self.timeout).await;
+                        tracing::debug!(backend = %self.name, scope, elapsed_ms = started.elapsed().as_millis() as u64, ok = t.is_ok(), "token fetched");
+                        t
+                    })
+                    .await
+                    .map_err(FetchError::Token)?;
+                Ok(Some(Secret(format!("Bearer {}", token.value.0).into())))
+            }
+        }
+    }
+}
+
+fn classify(resp: reqwest::Response, redirects: Redirects) -> Answer {
+    let s = resp.status();
+    if s.is_success() || s == StatusCode::RANGE_NOT_SATISFIABLE {
+        return Answer::Found(resp);
+    }
+    if s.is_redirection() && redirects == Redirects::Pass && resp.headers().contains_key(http::header::LOCATION) {
+        return Answer::Found(resp);
+    }
+    match s {
+        StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::GONE => Answer::Missing(s),
+        _ => Answer::Failed(FetchError::Status(s)),
+    }
+}

@@ -1,0 +1,31 @@
+//! regmux answers the OCI Distribution (Docker Registry v2) pull API in front of several registries.
+//!
+//! A request passes these stages, each in its own module:
+//!
+//! - [`server`] accepts connections (HTTP/1.1 and h2c on one port), enforces connection limits and
+//!   drains gracefully on stop.
+//! - [`proxy`] is the request path, top to bottom: the method gate and `/v2/`, parsing the path into a
+//!   typed [`registry::RegistryPath`] (names and digests validated by the spec grammar; nothing raw goes
+//!   further), routing, trying backends, streaming, and the one log event per request.
+//! - [`route`] picks the route: containerd's `ns` parameter, a registry-name path prefix, the `Host`
+//!   header, the default route.
+//! - [`backend`] is one upstream registry: its path prefix, its authentication (Basic, or bearer tokens
+//!   cached per scope) and a fetch that answers Found, Missing or Failed.
+//! - [`body`] streams a backend's body to the client with back-pressure, hashing blobs as they pass and
+//!   holding back the last chunk until the digest matches.
+//! - [`listing`] merges `tags/list` and `_catalog` across backends.
+//! - [`respond`] is the only place that builds error responses and filters backend headers.
+//! - [`registry`] is the wire protocol without I/O; [`config`] the TOML schema and its validation;
+//!   [`app`] the shared state that a reload swaps.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod backend;
+pub mod body;
+pub mod config;
+pub mod listing;
+pub mod proxy;
+pub mod registry;
+pub mod respond;
+pub mod route;
+pub mod server;

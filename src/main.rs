@@ -1,0 +1,211 @@
+//! The `regmux` command: argument parsing, logging setup, and load → validate → bind → run.
+//! Library code never exits the process; only this file decides exit codes (64 for a bad configuration).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use regmux::app::App;
+use regmux::config::Config;
+use regmux::server;
+
+/// Exit code for a configuration that cannot be used (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "regmux",
+    version,
+    about = "A registry pull proxy in front of several registries, with a migration ledger"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the registry pull API.
+    Serve {
+        /// Configuration file; without it the built-in default (public registries) is used.
+        #[arg(long, env = "REGMUX_CONFIG")]
+        config: Option<PathBuf>,
+        /// Listen address, overriding `[server] listen`.
+        #[arg(long, env = "REGMUX_LISTEN")]
+        listen: Option<String>,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "REGMUX_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
+    /// Validate a configuration, report every problem, and print the resolved routes.
+    Check {
+        #[arg(long, env = "REGMUX_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Report what the migration target still lacks (not available in this version).
+    Misses,
+    /// List what a registry really holds (not available in this version).
+    Inventory,
+    /// Bring images into the migration target (not available in this version).
+    Migrate,
+    /// Print client configuration for Docker, Podman and containerd (not available in this version).
+    ClientConfig,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, listen, log_format } => {
+            init_tracing(log_format);
+            let config = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("regmux: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match serve(config, listen, config_path_for_reload()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("regmux: {e:#}");
+                    ExitCode::from(if e.is::<ConfigProblem>() { EXIT_CONFIG } else { 1 })
+                }
+            }
+        }
+        Command::Check { config } => check(config.as_deref()),
+        Command::Misses | Command::Inventory | Command::Migrate | Command::ClientConfig => {
+            eprintln!("regmux: this subcommand is not available in this version yet");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The configuration file named on the command line, kept for SIGHUP.
+fn config_path_for_reload() -> Option<PathBuf> {
+    match Cli::parse().command {
+        Command::Serve { config, .. } => config,
+        _ => None,
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Config, regmux::config::ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Ok(Config::builtin()),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConfigProblem(String);
+
+fn check(path: Option<&Path>) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("regmux: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = App::new(config.clone()) {
+        eprintln!("regmux: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    println!("configuration OK: {}", path.map_or("built-in default".into(), |p| p.display().to_string()));
+    println!("listen {}  admin {}", config.server.listen, config.admin.listen);
+    for r in &config.routes {
+        let mut claims = Vec::new();
+        if !r.registries.is_empty() {
+            claims.push(format!("registries {}", r.registries.join(", ")));
+        }
+        if !r.hosts.is_empty() {
+            claims.push(format!("hosts {}", r.hosts.join(", ")));
+        }
+        if r.default {
+            claims.push("default".into());
+        }
+        println!("route {:?}: {}", r.name, claims.join("; "));
+        for (i, b) in r.backends.iter().enumerate() {
+            let bc = &config.backends[b];
+            let prefix = bc.prefix.as_deref().map(|p| format!("/{p}")).unwrap_or_default();
+            let target = if r.target() == Some(b.as_str()) { "  (migration target)" } else { "" };
+            println!("  {}. {b}: {}{prefix}{target}", i + 1, bc.url);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn serve(mut config: Config, listen: Option<String>, path: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(l) = &listen {
+        config.server.listen = l.clone();
+        config.validate().map_err(|p| ConfigProblem(p.join("; ")))?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    runtime.block_on(async move {
+        let app = Arc::new(App::new(config.clone()).map_err(|e| ConfigProblem(e.to_string()))?);
+        let listener = tokio::net::TcpListener::bind(&config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, routes = config.routes.len(), backends = config.backends.len(), "listening");
+        tokio::spawn(reload_on_hangup(app.clone(), path, listen));
+        server::run(listener, app, server::Limits::default(), stop_signal()).await;
+        Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+/// SIGHUP: read the configuration again; apply it only if it is valid, else keep the running one.
+async fn reload_on_hangup(app: Arc<App>, path: Option<PathBuf>, listen: Option<String>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        let Some(path) = &path else {
+            tracing::info!("SIGHUP: running the built-in configuration; nothing to reload");
+            continue;
+        };
+        let result = Config::load(path).map_err(|e| e.to_string()).and_then(|mut c| {
+            if let Some(l) = &listen {
+                c.server.listen = l.clone();
+            }
+            app.reload(c).map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(()) => tracing::info!(path = %path.display(), "SIGHUP: configuration reloaded"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), "SIGHUP: configuration rejected, keeping the running one: {e}")
+            }
+        }
+    }
+}
