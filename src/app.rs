@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 use crate::backend::{Backend, BuildError};
+use crate::clientauth::{Htpasswd, HtpasswdError};
 use crate::config::Config;
 use crate::registry::Digest;
 use crate::route::{Route, Router};
@@ -21,21 +22,34 @@ pub struct Snapshot {
     pub config: Config,
     pub router: Router,
     pub backends: HashMap<String, Arc<Backend>>,
+    /// Client credentials, when `[server] htpasswd` is set.
+    pub htpasswd: Option<Htpasswd>,
+}
+
+/// A validated configuration that still cannot be put to work (a secret file unreadable, say).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Backend(#[from] BuildError),
+    #[error(transparent)]
+    Htpasswd(#[from] HtpasswdError),
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Result<Snapshot, BuildError> {
+    pub fn new(config: Config) -> Result<Snapshot, SnapshotError> {
         let router = Router::new(&config);
+        let htpasswd = config.server.htpasswd.as_deref().map(Htpasswd::load).transpose()?;
         let mut backends = HashMap::new();
         for (name, b) in &config.backends {
             backends.insert(name.clone(), Arc::new(Backend::new(name, b)?));
         }
-        Ok(Snapshot { config, router, backends })
+        Ok(Snapshot { config, router, backends, htpasswd })
     }
 
     /// The route's backends in the order to try them: the one that last served `digest` first, then
     /// the configured order; backends known to serve bad bytes for `digest` are left out.
-    pub fn candidates(&self, app: &App, route: &Route, digest: Option<&Digest>) -> Vec<Arc<Backend>> {
+    /// The second list names the backends skipped because they are marked down.
+    pub fn candidates(&self, app: &App, route: &Route, digest: Option<&Digest>) -> (Vec<Arc<Backend>>, Vec<Arc<str>>) {
         let mut out: Vec<Arc<Backend>> = Vec::with_capacity(route.backends.len());
         let hint = digest.and_then(|d| app.locations.get(d));
         if let Some(h) = &hint {
@@ -54,7 +68,14 @@ impl Snapshot {
             }
             out.extend(self.backends.get(name).cloned());
         }
-        out
+        // Backends marked down are skipped, so a dead backend costs nothing; when all are down they
+        // are tried anyway (a probe may simply not have run yet).
+        let mut skipped = Vec::new();
+        if out.iter().any(|b| !b.health.is_down()) {
+            skipped = out.iter().filter(|b| b.health.is_down()).map(|b| b.name.clone()).collect();
+            out.retain(|b| !b.health.is_down());
+        }
+        (out, skipped)
     }
 }
 
@@ -78,7 +99,7 @@ pub struct App {
 const MANIFEST_CACHE_BYTES: u64 = 16 << 20;
 
 impl App {
-    pub fn new(config: Config) -> Result<App, BuildError> {
+    pub fn new(config: Config) -> Result<App, SnapshotError> {
         Ok(App {
             snapshot: RwLock::new(Arc::new(Snapshot::new(config)?)),
             locations: moka::sync::Cache::builder()
@@ -101,7 +122,7 @@ impl App {
     }
 
     /// Apply a new, already validated configuration to requests that start from now on.
-    pub fn reload(&self, config: Config) -> Result<(), BuildError> {
+    pub fn reload(&self, config: Config) -> Result<(), SnapshotError> {
         let snap = Arc::new(Snapshot::new(config)?);
         match self.snapshot.write() {
             Ok(mut s) => *s = snap,

@@ -14,6 +14,7 @@
 //! - [`body`] streams a backend's body to the client with back-pressure, hashing blobs as they pass and
 //!   holding back the last chunk until the digest matches.
 //! - [`listing`] merges `tags/list` and `_catalog` across backends.
+//! - [`clientauth`] checks client credentials against an htpasswd file when one is configured.
 //! - [`respond`] is the only place that builds error responses and filters backend headers.
 //! - [`registry`] is the wire protocol without I/O; [`config`] the TOML schema and its validation;
 //!   [`app`] the shared state that a reload swaps.
@@ -22,6 +23,7 @@
 pub mod app;
 pub mod backend;
 pub mod body;
+pub mod clientauth;
 pub mod config;
 pub mod listing;
 pub mod proxy;

@@ -62,17 +62,19 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One process-wide TLS provider for both the server side and reqwest's backends.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
         Command::Serve { config, listen, log_format } => {
             init_tracing(log_format);
-            let config = match load(config.as_deref()) {
+            let loaded = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("regmux: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            match serve(config, listen, config_path_for_reload()) {
+            match serve(loaded, listen, config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -86,14 +88,6 @@ fn main() -> ExitCode {
             eprintln!("regmux: this subcommand is not available in this version yet");
             ExitCode::from(2)
         }
-    }
-}
-
-/// The configuration file named on the command line, kept for SIGHUP.
-fn config_path_for_reload() -> Option<PathBuf> {
-    match Cli::parse().command {
-        Command::Serve { config, .. } => config,
-        _ => None,
     }
 }
 
@@ -165,10 +159,15 @@ fn serve(mut config: Config, listen: Option<String>, path: Option<PathBuf>) -> a
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(server::load_tls(cert, key).map_err(|e| ConfigProblem(e.to_string()))?),
+            _ => None,
+        };
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, routes = config.routes.len(), backends = config.backends.len(), "listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, routes = config.routes.len(), backends = config.backends.len(), "listening");
         tokio::spawn(reload_on_hangup(app.clone(), path, listen));
-        server::run(listener, app, server::Limits::default(), stop_signal()).await;
+        server::run(listener, app, tls, server::Limits::default(), stop_signal()).await;
         Ok(())
     })
 }

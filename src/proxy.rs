@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, RANGE};
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, RANGE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
@@ -60,6 +60,14 @@ impl Ctx {
         self.attempts.push(format!("{}: {what}", backend.name));
     }
 
+    /// Note backends skipped because they are down; true if there were any.
+    fn skipped(&mut self, names: &[Arc<str>]) -> bool {
+        for n in names {
+            self.attempts.push(format!("{n}: down, skipped"));
+        }
+        !names.is_empty()
+    }
+
     /// Emit the one log event of this request, when its body is done.
     fn finish(self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
         let mut ctx = self;
@@ -98,6 +106,12 @@ async fn dispatch<B>(app: &App, req: &Request<B>, ctx: &mut Ctx) -> Result<Respo
         return Err(OciError::new(ErrorCode::Unsupported)
             .message(format!("{method} is not supported: regmux serves pulls only")));
     }
+    let snap = app.snapshot();
+    if let Some(users) = &snap.htpasswd {
+        if !users.authorized(req.headers().get(AUTHORIZATION)) {
+            return Ok(respond::unauthorized(&method));
+        }
+    }
     let path = parse_path(req.uri().path()).map_err(path_error)?;
     ctx.kind = kind_of(&path);
     if path == RegistryPath::Base {
@@ -106,7 +120,6 @@ async fn dispatch<B>(app: &App, req: &Request<B>, ctx: &mut Ctx) -> Result<Respo
     let query = Query::parse(req.uri().query());
     let host =
         req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
-    let snap = app.snapshot();
     let name = match &path {
         RegistryPath::Manifest { name, .. }
         | RegistryPath::Blob { name, .. }
@@ -240,8 +253,9 @@ async fn manifest(
             return Ok(manifest_response(method, d, &m));
         }
     }
-    let mut any_failed = false;
-    for backend in snap.candidates(app, route, digest) {
+    let (candidates, skipped) = snap.candidates(app, route, digest);
+    let mut any_failed = ctx.skipped(&skipped);
+    for backend in candidates {
         let mapped = match backend.map_name(name) {
             Ok(m) => m,
             Err(e) => {
@@ -382,8 +396,9 @@ async fn blob(
     headers: &HeaderMap,
     ctx: &mut Ctx,
 ) -> Result<Response<ProxyBody>, OciError> {
-    let mut any_failed = false;
-    for backend in snap.candidates(app, route, Some(digest)) {
+    let (candidates, skipped) = snap.candidates(app, route, Some(digest));
+    let mut any_failed = ctx.skipped(&skipped);
+    for backend in candidates {
         let mapped = match backend.map_name(name) {
             Ok(m) => m,
             Err(e) => {

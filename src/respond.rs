@@ -8,7 +8,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Method, Response, StatusCode};
 
 use crate::body::ProxyBody;
-use crate::registry::{OciError, API_VERSION, API_VERSION_HEADER};
+use crate::registry::{ErrorCode, OciError, API_VERSION, API_VERSION_HEADER};
 
 /// Backend response headers passed to the client.
 pub const PASSED_HEADERS: &[&str] = &[
@@ -43,6 +43,13 @@ pub fn error(method: &Method, err: &OciError) -> Response<ProxyBody> {
     response(method, err.status(), h, ProxyBody::full(body))
 }
 
+/// 401 with a Basic challenge: the client must log in (`[server] htpasswd`).
+pub fn unauthorized(method: &Method) -> Response<ProxyBody> {
+    let mut r = error(method, &OciError::new(ErrorCode::Unauthorized));
+    r.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"regmux\""));
+    r
+}
+
 /// A JSON document with status 200.
 pub fn json(method: &Method, body: String, mut headers: HeaderMap) -> Response<ProxyBody> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -64,7 +71,6 @@ pub fn passed_headers(from: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::ErrorCode;
 
     #[test]
     fn only_allowed_headers_pass() {

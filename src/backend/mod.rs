@@ -6,6 +6,7 @@
 //! credential outward: a 401 is handled here (token flow) or becomes `Failed`.
 
 pub mod auth;
+pub mod health;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ pub struct Backend {
     /// round trip each time.
     challenge: RwLock<Option<Challenge>>,
     tokens: TokenCache,
+    pub health: Arc<health::Health>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -65,6 +67,17 @@ pub enum FetchError {
     Unauthorized,
     #[error("repository name too long with this backend's prefix")]
     NameTooLong,
+}
+
+impl FetchError {
+    /// Whether this says something about the backend's health (as opposed to, say, a name too long).
+    pub fn is_backend_fault(&self) -> bool {
+        match self {
+            FetchError::Connect(_) | FetchError::Timeout(_) | FetchError::Token(_) => true,
+            FetchError::Status(s) => s.is_server_error(),
+            FetchError::Unauthorized | FetchError::NameTooLong => false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +153,7 @@ impl Backend {
             timeout: cfg.timeout(),
             challenge: RwLock::new(None),
             tokens: auth::token_cache(),
+            health: Arc::default(),
         })
     }
 
