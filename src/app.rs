@@ -11,9 +11,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 
-use crate::backend::{Backend, BuildError};
+use crate::backend::{health, Backend, BuildError};
 use crate::clientauth::{Htpasswd, HtpasswdError};
 use crate::config::Config;
+use crate::ledger::Recorder;
+use crate::metrics::Metrics;
 use crate::registry::Digest;
 use crate::route::{Route, Router};
 
@@ -36,12 +38,12 @@ pub enum SnapshotError {
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Result<Snapshot, SnapshotError> {
+    pub fn new(config: Config, metrics: &Arc<Metrics>) -> Result<Snapshot, SnapshotError> {
         let router = Router::new(&config);
         let htpasswd = config.server.htpasswd.as_deref().map(Htpasswd::load).transpose()?;
         let mut backends = HashMap::new();
         for (name, b) in &config.backends {
-            backends.insert(name.clone(), Arc::new(Backend::new(name, b)?));
+            backends.insert(name.clone(), Arc::new(Backend::new(name, b, metrics.clone())?));
         }
         Ok(Snapshot { config, router, backends, htpasswd })
     }
@@ -81,6 +83,8 @@ impl Snapshot {
 
 #[derive(Clone)]
 pub struct CachedManifest {
+    /// The backend it came from (credited in the ledger and metrics when served from the cache).
+    pub origin: Arc<str>,
     pub content_type: HeaderValue,
     pub bytes: Bytes,
 }
@@ -93,25 +97,48 @@ pub struct App {
     pub manifests: moka::sync::Cache<Digest, CachedManifest>,
     /// (backend, digest) pairs whose bytes did not hash to the digest: not asked again for a while.
     pub bad: moka::sync::Cache<(Arc<str>, Digest), ()>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
 }
+
+/// How long "backend X served digest D" sends requests for D straight to X. Short on purpose: once
+/// the migration target has the object (warmed or migrated), it should get the traffic back soon.
+const LOCATION_TTL: Duration = Duration::from_secs(600);
 
 /// Memory the manifest cache may use.
 const MANIFEST_CACHE_BYTES: u64 = 16 << 20;
 
 impl App {
-    pub fn new(config: Config) -> Result<App, SnapshotError> {
+    pub fn new(config: Config, recorder: Recorder) -> Result<App, SnapshotError> {
+        let metrics = Arc::new(Metrics::new());
         Ok(App {
-            snapshot: RwLock::new(Arc::new(Snapshot::new(config)?)),
-            locations: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_idle(Duration::from_secs(24 * 3600))
-                .build(),
+            snapshot: RwLock::new(Arc::new(Snapshot::new(config, &metrics)?)),
+            metrics,
+            recorder,
+            locations: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(LOCATION_TTL).build(),
             manifests: moka::sync::Cache::builder()
                 .max_capacity(MANIFEST_CACHE_BYTES)
                 .weigher(|_, m: &CachedManifest| m.bytes.len().try_into().unwrap_or(u32::MAX))
                 .build(),
             bad: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build(),
         })
+    }
+
+    /// Probe every backend forever, every [`health::PROBE_INTERVAL`].
+    pub async fn health_loop(self: Arc<App>) {
+        loop {
+            tokio::time::sleep(health::PROBE_INTERVAL).await;
+            let snap = self.snapshot();
+            let probes = snap.backends.values().map(|b| async move {
+                let answered = b.probe().await;
+                match b.health.probed(answered) {
+                    Some(true) => tracing::info!(backend = %b.name, "backend answers again: marked up"),
+                    Some(false) => tracing::warn!(backend = %b.name, "backend does not answer GET /v2/: marked down"),
+                    None => {}
+                }
+            });
+            futures_util::future::join_all(probes).await;
+        }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -123,7 +150,7 @@ impl App {
 
     /// Apply a new, already validated configuration to requests that start from now on.
     pub fn reload(&self, config: Config) -> Result<(), SnapshotError> {
-        let snap = Arc::new(Snapshot::new(config)?);
+        let snap = Arc::new(Snapshot::new(config, &self.metrics)?);
         match self.snapshot.write() {
             Ok(mut s) => *s = snap,
             Err(poisoned) => *poisoned.into_inner() = snap,

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use crate::app::Snapshot;
 use crate::backend::{Answer, Backend};
 use crate::body::ProxyBody;
-use crate::proxy::{nothing_served, Ctx, Query};
+use crate::proxy::{nothing_served, Query};
+use crate::record::Ctx;
 use crate::registry::{ErrorCode, OciError, RepoName};
 use crate::respond;
 use crate::route::Route;
@@ -48,37 +49,37 @@ async fn read_pages(backend: &Backend, first: String, repo: Option<&RepoName>, c
     let mut next = Some(first);
     while let Some(path) = next.take() {
         if pages.len() >= MAX_PAGES {
-            ctx.attempt(backend, format!("listing cut at {MAX_PAGES} pages"));
+            ctx.failed(backend, format!("listing cut at {MAX_PAGES} pages"));
             break;
         }
         let resp = match backend.fetch(&Method::GET, &path, repo, &HeaderMap::new()).await {
             Answer::Found(r) => r,
             Answer::Missing(s) if pages.is_empty() => {
-                ctx.attempt(backend, s.as_u16());
+                ctx.missing(backend, s.as_u16());
                 return Pages::Missing;
             }
             Answer::Missing(s) => {
-                ctx.attempt(backend, format!("page answered {s}"));
+                ctx.failed(backend, format!("page answered {s}"));
                 return Pages::Failed;
             }
             Answer::Failed(e) => {
-                ctx.attempt(backend, &e);
+                ctx.failed(backend, &e);
                 return Pages::Failed;
             }
         };
         next = resp.headers().get(LINK).and_then(|l| l.to_str().ok()).and_then(next_link);
         if resp.content_length().is_some_and(|l| l > MAX_PAGE_BYTES as u64) {
-            ctx.attempt(backend, "listing page too large");
+            ctx.failed(backend, "listing page too large");
             return Pages::Failed;
         }
         match resp.bytes().await {
             Ok(b) if b.len() <= MAX_PAGE_BYTES => pages.push(b.to_vec()),
             Ok(_) => {
-                ctx.attempt(backend, "listing page too large");
+                ctx.failed(backend, "listing page too large");
                 return Pages::Failed;
             }
             Err(e) => {
-                ctx.attempt(backend, format!("listing body: {e}"));
+                ctx.failed(backend, format!("listing body: {e}"));
                 return Pages::Failed;
             }
         }

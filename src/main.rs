@@ -10,10 +10,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use regmux::app::App;
 use regmux::config::Config;
+use regmux::ledger::Recorder;
 use regmux::server;
 
 /// Exit code for a configuration that cannot be used (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// Where the ledger lives when the configuration has no `[ledger] path`.
+const DEFAULT_LEDGER: &str = "/var/lib/regmux/ledger.db";
 
 #[derive(Parser)]
 #[command(
@@ -44,14 +47,34 @@ enum Command {
         #[arg(long, env = "REGMUX_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Report what the migration target still lacks (not available in this version).
-    Misses,
+    /// Report what each route's migration target still lacks, and the share of traffic it serves.
+    Misses {
+        #[arg(long, env = "REGMUX_CONFIG")]
+        config: Option<PathBuf>,
+        /// Only this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// The window: `7d`, `24h`, `30m`.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// At most this many misses per route.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// List what a registry really holds (not available in this version).
     Inventory,
     /// Bring images into the migration target (not available in this version).
     Migrate,
     /// Print client configuration for Docker, Podman and containerd (not available in this version).
     ClientConfig,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -84,7 +107,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { config } => check(config.as_deref()),
-        Command::Misses | Command::Inventory | Command::Migrate | Command::ClientConfig => {
+        Command::Misses { config, route, since, format, limit } => {
+            match misses(config.as_deref(), route.as_deref(), &since, format, limit) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("regmux: {e:#}");
+                    ExitCode::from(if e.is::<ConfigProblem>() { EXIT_CONFIG } else { 1 })
+                }
+            }
+        }
+        Command::Inventory | Command::Migrate | Command::ClientConfig => {
             eprintln!("regmux: this subcommand is not available in this version yet");
             ExitCode::from(2)
         }
@@ -110,7 +142,7 @@ fn check(path: Option<&Path>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = App::new(config.clone()) {
+    if let Err(e) = App::new(config.clone(), Recorder::disabled()) {
         eprintln!("regmux: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
@@ -138,6 +170,52 @@ fn check(path: Option<&Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn misses(
+    path: Option<&Path>,
+    route: Option<&str>,
+    since: &str,
+    format: Format,
+    limit: usize,
+) -> anyhow::Result<ExitCode> {
+    use regmux::ledger::{report, store::Store};
+    let config = load(path).map_err(|e| ConfigProblem(e.to_string()))?;
+    let window =
+        parse_window(since).ok_or_else(|| ConfigProblem(format!("--since {since:?}: expected like 7d, 24h or 30m")))?;
+    let db = config.ledger.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LEDGER));
+    let store = Store::open_read_only(&db).with_context(|| format!("cannot open the ledger {}", db.display()))?;
+    let since_ts = regmux::ledger::now_unix().saturating_sub(window);
+    let mut reports = Vec::new();
+    for r in &config.routes {
+        if route.is_some_and(|want| want != r.name) {
+            continue;
+        }
+        reports.push(report::route_report(&store, &r.name, r.target().unwrap_or_default(), since_ts, limit)?);
+    }
+    if let Some(want) = route {
+        if reports.is_empty() {
+            return Err(ConfigProblem(format!("no route named {want:?} in the configuration")).into());
+        }
+    }
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+        Format::Table => print!("{}", report::render_table(&reports)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `7d`, `24h`, `30m`, `90s` → seconds.
+fn parse_window(s: &str) -> Option<u64> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "d" => n * 86_400,
+        "h" => n * 3600,
+        "m" => n * 60,
+        "s" => n,
+        _ => return None,
+    })
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -154,8 +232,15 @@ fn serve(mut config: Config, listen: Option<String>, path: Option<PathBuf>) -> a
         config.validate().map_err(|p| ConfigProblem(p.join("; ")))?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
-    runtime.block_on(async move {
-        let app = Arc::new(App::new(config.clone()).map_err(|e| ConfigProblem(e.to_string()))?);
+    let recorder = open_ledger(&config)?;
+    let result = runtime.block_on(async {
+        let app = Arc::new(App::new(config.clone(), recorder.clone()).map_err(|e| ConfigProblem(e.to_string()))?);
+        let admin = tokio::net::TcpListener::bind(&config.admin.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", config.admin.listen))?;
+        tracing::info!(addr = %admin.local_addr()?, "admin listening: /metrics /healthz /readyz /ui");
+        tokio::spawn(regmux::admin::run(admin, app.clone()));
+        tokio::spawn(app.clone().health_loop());
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -168,8 +253,34 @@ fn serve(mut config: Config, listen: Option<String>, path: Option<PathBuf>) -> a
         tracing::info!(%addr, scheme, routes = config.routes.len(), backends = config.backends.len(), "listening");
         tokio::spawn(reload_on_hangup(app.clone(), path, listen));
         server::run(listener, app, tls, server::Limits::default(), stop_signal()).await;
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    });
+    // Every acknowledged ledger event is written before the process exits.
+    recorder.shutdown();
+    if recorder.enabled() {
+        tracing::info!(written = recorder.stats.written.load(std::sync::atomic::Ordering::Relaxed), "ledger flushed");
+    }
+    result
+}
+
+/// The SQLite ledger of `[ledger] path`. Without a `[ledger]` section the default path is used when it
+/// can be created; otherwise regmux serves without a ledger and says so.
+fn open_ledger(config: &Config) -> anyhow::Result<Recorder> {
+    if config.ledger.url.is_some() {
+        return Err(
+            ConfigProblem("ledger.url (PostgreSQL) is not supported by this version; use ledger.path".into()).into()
+        );
+    }
+    match &config.ledger.path {
+        Some(p) => Ok(Recorder::open(p).map_err(|e| ConfigProblem(e.to_string()))?),
+        None => match Recorder::open(Path::new(DEFAULT_LEDGER)) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                tracing::warn!("no [ledger] configured and the default {DEFAULT_LEDGER} cannot be used ({e}); serving without a ledger");
+                Ok(Recorder::disabled())
+            }
+        },
+    }
 }
 
 /// SIGTERM or SIGINT.

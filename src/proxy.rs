@@ -5,7 +5,6 @@
 //! request ends in exactly one log event, emitted when its body is finished or dropped.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, RANGE};
@@ -17,6 +16,8 @@ use crate::backend::{Answer, Backend};
 use crate::body::ProxyBody;
 use crate::config::BackendKind;
 use crate::listing;
+use crate::metrics::BackendLabel;
+use crate::record::Ctx;
 use crate::registry::path::PathError;
 use crate::registry::{
     parse_path, Digest, ErrorCode, OciError, Reference, RegistryPath, RepoName, CONTENT_DIGEST_HEADER,
@@ -28,76 +29,11 @@ use crate::route::{Route, RouteError};
 /// manifests of at least 4 MiB). Manifests are buffered so they can be verified before a byte is sent.
 const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
-/// What one request did, for its log event.
-pub struct Ctx {
-    started: Instant,
-    pub method: Method,
-    pub route: String,
-    pub repo: String,
-    pub kind: &'static str,
-    pub reference: String,
-    pub served_by: String,
-    pub attempts: Vec<String>,
-    pub status: u16,
-}
-
-impl Ctx {
-    fn new(method: Method) -> Ctx {
-        Ctx {
-            started: Instant::now(),
-            method,
-            route: String::new(),
-            repo: String::new(),
-            kind: "",
-            reference: String::new(),
-            served_by: String::new(),
-            attempts: Vec::new(),
-            status: 0,
-        }
-    }
-
-    pub(crate) fn attempt(&mut self, backend: &Backend, what: impl std::fmt::Display) {
-        self.attempts.push(format!("{}: {what}", backend.name));
-    }
-
-    /// Note backends skipped because they are down; true if there were any.
-    fn skipped(&mut self, names: &[Arc<str>]) -> bool {
-        for n in names {
-            self.attempts.push(format!("{n}: down, skipped"));
-        }
-        !names.is_empty()
-    }
-
-    /// Emit the one log event of this request, when its body is done.
-    fn finish(self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
-        let mut ctx = self;
-        ctx.status = resp.status().as_u16();
-        let (parts, body) = resp.into_parts();
-        let body = body.on_finish(Box::new(move |bytes, complete| {
-            tracing::info!(
-                method = %ctx.method,
-                route = %ctx.route,
-                repository = %ctx.repo,
-                kind = ctx.kind,
-                reference = %ctx.reference,
-                served_by = %ctx.served_by,
-                attempts = %ctx.attempts.join("; "),
-                status = ctx.status,
-                bytes,
-                complete,
-                duration_ms = ctx.started.elapsed().as_micros() as f64 / 1000.0,
-                "request"
-            );
-        }));
-        Response::from_parts(parts, body)
-    }
-}
-
 /// Answer one client request.
 pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<ProxyBody> {
     let mut ctx = Ctx::new(req.method().clone());
     let resp = dispatch(&app, &req, &mut ctx).await.unwrap_or_else(|e| respond::error(&ctx.method, &e));
-    ctx.finish(resp)
+    ctx.finish(&app, resp)
 }
 
 async fn dispatch<B>(app: &App, req: &Request<B>, ctx: &mut Ctx) -> Result<Response<ProxyBody>, OciError> {
@@ -135,6 +71,7 @@ async fn dispatch<B>(app: &App, req: &Request<B>, ctx: &mut Ctx) -> Result<Respo
     })?;
     let route = routed.route;
     ctx.route = route.name.clone();
+    ctx.target = route.target.clone();
     if let Some(n) = &routed.name {
         ctx.repo = n.to_string();
     }
@@ -146,6 +83,7 @@ async fn dispatch<B>(app: &App, req: &Request<B>, ctx: &mut Ctx) -> Result<Respo
         }
         (RegistryPath::Blob { digest, .. }, Some(name)) => {
             ctx.reference = digest.to_string();
+            ctx.digest = Some(digest.to_string());
             blob(app, &snap, route, &name, &digest, &method, &headers, ctx).await
         }
         (RegistryPath::Referrers { digest, .. }, Some(name)) => {
@@ -249,7 +187,8 @@ async fn manifest(
     let digest = reference.digest();
     if let Some(d) = digest {
         if let Some(m) = app.manifests.get(d).filter(|m| accepts(headers, &m.content_type)) {
-            ctx.served_by = "cache".into();
+            ctx.served(&m.origin);
+            ctx.from_cache = true;
             return Ok(manifest_response(method, d, &m));
         }
     }
@@ -259,7 +198,7 @@ async fn manifest(
         let mapped = match backend.map_name(name) {
             Ok(m) => m,
             Err(e) => {
-                ctx.attempt(&backend, &e);
+                ctx.failed(&backend, &e);
                 continue;
             }
         };
@@ -267,19 +206,20 @@ async fn manifest(
         let resp = match backend.fetch(method, &path, Some(&mapped), headers).await {
             Answer::Found(r) => r,
             Answer::Missing(s) => {
-                ctx.attempt(&backend, s.as_u16());
+                ctx.missing(&backend, s.as_u16());
                 continue;
             }
             Answer::Failed(e) => {
                 any_failed = true;
                 forget(app, &backend, digest);
-                ctx.attempt(&backend, &e);
+                ctx.failed(&backend, &e);
                 continue;
             }
         };
         if *method == Method::HEAD {
-            ctx.served_by = backend.name.to_string();
+            ctx.served(&backend.name);
             if let Some(d) = header_digest(resp.headers()).or(digest.cloned()) {
+                ctx.digest = Some(d.to_string());
                 app.locations.insert(d, backend.name.clone());
             }
             return Ok(respond::response(
@@ -289,10 +229,11 @@ async fn manifest(
                 ProxyBody::empty(),
             ));
         }
-        match read_manifest(resp, digest).await {
+        match read_manifest(&backend.name, resp, digest).await {
             Ok((d, m)) => {
-                ctx.served_by = backend.name.to_string();
+                ctx.served(&backend.name);
                 app.locations.insert(d.clone(), backend.name.clone());
+                ctx.digest = Some(d.to_string());
                 app.manifests.insert(d.clone(), m.clone());
                 return Ok(manifest_response(method, &d, &m));
             }
@@ -300,12 +241,16 @@ async fn manifest(
                 any_failed = true;
                 if matches!(e, ManifestError::Mismatch(_)) {
                     tracing::warn!(backend = %backend.name, repository = %mapped, reference = %reference, "{e}");
+                    app.metrics
+                        .digest_mismatches
+                        .get_or_create(&BackendLabel { backend: backend.name.to_string() })
+                        .inc();
                     if let Some(d) = digest {
                         app.bad.insert((backend.name.clone(), d.clone()), ());
                     }
                 }
                 forget(app, &backend, digest);
-                ctx.attempt(&backend, &e);
+                ctx.failed(&backend, &e);
             }
         }
     }
@@ -327,6 +272,7 @@ enum ManifestError {
 /// Buffer and verify a manifest: against the requested digest, else against the backend's
 /// `Docker-Content-Digest`. Returns the digest it has.
 async fn read_manifest(
+    origin: &Arc<str>,
     resp: reqwest::Response,
     requested: Option<&Digest>,
 ) -> Result<(Digest, CachedManifest), ManifestError> {
@@ -347,7 +293,7 @@ async fn read_manifest(
         Some(d) => return Err(ManifestError::Mismatch(d.to_string())),
         None => Digest::sha256_of(&bytes),
     };
-    Ok((digest, CachedManifest { content_type, bytes }))
+    Ok((digest, CachedManifest { origin: origin.clone(), content_type, bytes }))
 }
 
 fn manifest_response(method: &Method, digest: &Digest, m: &CachedManifest) -> Response<ProxyBody> {
@@ -402,7 +348,7 @@ async fn blob(
         let mapped = match backend.map_name(name) {
             Ok(m) => m,
             Err(e) => {
-                ctx.attempt(&backend, &e);
+                ctx.failed(&backend, &e);
                 continue;
             }
         };
@@ -416,17 +362,17 @@ async fn blob(
         let resp = match answer {
             Answer::Found(r) => r,
             Answer::Missing(s) => {
-                ctx.attempt(&backend, s.as_u16());
+                ctx.missing(&backend, s.as_u16());
                 continue;
             }
             Answer::Failed(e) => {
                 any_failed = true;
                 forget(app, &backend, Some(digest));
-                ctx.attempt(&backend, &e);
+                ctx.failed(&backend, &e);
                 continue;
             }
         };
-        ctx.served_by = backend.name.to_string();
+        ctx.served(&backend.name);
         app.locations.insert(digest.clone(), backend.name.clone());
         let status = resp.status();
         let mut out_headers = respond::passed_headers(resp.headers());
@@ -443,11 +389,13 @@ async fn blob(
         if status == StatusCode::OK && backend.verify_digests {
             let bad = app.bad.clone();
             let locations = app.locations.clone();
+            let metrics = app.metrics.clone();
             let name = backend.name.clone();
             body = body.verify(
                 digest.clone(),
                 Box::new(move |expected, got| {
                     tracing::error!(backend = %name, digest = %expected, got, "blob bytes do not match their digest; connection aborted");
+                    metrics.digest_mismatches.get_or_create(&BackendLabel { backend: name.to_string() }).inc();
                     bad.insert((name.clone(), expected.clone()), ());
                     locations.invalidate(expected);
                 }),
@@ -474,15 +422,15 @@ async fn referrers(
         let path = format!("/v2/{mapped}{suffix}");
         match backend.fetch(method, &path, Some(&mapped), headers).await {
             Answer::Found(resp) => {
-                ctx.served_by = backend.name.to_string();
+                ctx.served(&backend.name);
                 let status = resp.status();
                 let h = respond::passed_headers(resp.headers());
                 return Ok(respond::response(method, status, h, ProxyBody::stream(reqwest::Body::from(resp))));
             }
-            Answer::Missing(s) => ctx.attempt(backend, s.as_u16()),
+            Answer::Missing(s) => ctx.missing(backend, s.as_u16()),
             Answer::Failed(e) => {
                 any_failed = true;
-                ctx.attempt(backend, &e);
+                ctx.failed(backend, &e);
             }
         }
     }

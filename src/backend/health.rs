@@ -1,6 +1,7 @@
 //! Backend health: a backend whose requests keep failing (connection refused, timeouts, 5xx) is marked
-//! down and skipped, so a dead Harbor costs milliseconds instead of a timeout per request. While down, a
-//! background probe asks `GET /v2/` and brings it back as soon as it answers.
+//! down and skipped, so a dead Harbor costs milliseconds instead of a timeout per request. A background
+//! probe asks every backend `GET /v2/` every [`PROBE_INTERVAL`]: no answer marks it down at once (so
+//! `/readyz` sees a stopped backend without waiting for traffic), an answer brings it back.
 //!
 //! This is advice to the request path, never a verdict: when every backend of a route is down, they are
 //! tried anyway.
@@ -10,8 +11,10 @@ use std::time::Duration;
 
 /// Consecutive failures that mark a backend down.
 pub const FAILURES_TO_DOWN: u32 = 3;
-/// Time between probes of a down backend.
+/// Time between probes of every backend.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// A probe that gets no answer within this time fails.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 pub struct Health {
@@ -38,10 +41,14 @@ impl Health {
         n >= FAILURES_TO_DOWN && !self.down.swap(true, Ordering::Relaxed)
     }
 
-    /// The probe got an answer: up again.
-    pub fn recovered(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        self.down.store(false, Ordering::Relaxed);
+    /// The result of a probe. Returns the new state if it changed (`Some(true)`: up again).
+    pub fn probed(&self, answered: bool) -> Option<bool> {
+        if answered {
+            self.failures.store(0, Ordering::Relaxed);
+            self.down.swap(false, Ordering::Relaxed).then_some(true)
+        } else {
+            (!self.down.swap(true, Ordering::Relaxed)).then_some(false)
+        }
     }
 }
 
@@ -60,7 +67,10 @@ mod tests {
         assert!(h.failure(), "third consecutive failure marks down");
         assert!(h.is_down());
         assert!(!h.failure(), "already down: no second probe");
-        h.recovered();
+        assert_eq!(h.probed(true), Some(true));
         assert!(!h.is_down());
+        assert_eq!(h.probed(true), None);
+        assert_eq!(h.probed(false), Some(false), "a failed probe marks down at once");
+        assert!(h.is_down());
     }
 }

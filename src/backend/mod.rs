@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, Method, StatusCode};
 
 use crate::config::{BackendConfig, BackendKind, Redirects};
+use crate::metrics::Metrics;
 use crate::registry::challenge::{parse_challenge, Challenge};
 use crate::registry::RepoName;
 use auth::{Credentials, Secret, TokenCache, TokenKey};
@@ -34,6 +35,7 @@ pub struct Backend {
     challenge: RwLock<Option<Challenge>>,
     tokens: TokenCache,
     pub health: Arc<health::Health>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -91,7 +93,7 @@ pub enum BuildError {
 }
 
 impl Backend {
-    pub fn new(name: &str, cfg: &BackendConfig) -> Result<Backend, BuildError> {
+    pub fn new(name: &str, cfg: &BackendConfig, metrics: Arc<Metrics>) -> Result<Backend, BuildError> {
         let password = match (&cfg.password, &cfg.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(path)) => {
@@ -154,6 +156,7 @@ impl Backend {
             challenge: RwLock::new(None),
             tokens: auth::token_cache(),
             health: Arc::default(),
+            metrics,
         })
     }
 
@@ -177,6 +180,35 @@ impl Backend {
     /// validated parts only; `repo` is the mapped repository (for the token scope), `None` for the
     /// catalog. `headers` are the client headers to forward (`Accept`, `Range`).
     pub async fn fetch(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        repo: Option<&RepoName>,
+        headers: &HeaderMap,
+    ) -> Answer {
+        let started = Instant::now();
+        let answer = self.fetch_inner(method, path_and_query, repo, headers).await;
+        self.metrics.observe_backend(&self.name, started.elapsed());
+        match &answer {
+            Answer::Found(_) | Answer::Missing(_) => self.health.success(),
+            Answer::Failed(e) if e.is_backend_fault() => {
+                if self.health.failure() {
+                    tracing::warn!(backend = %self.name, error = %e, "backend marked down after repeated failures");
+                }
+            }
+            Answer::Failed(_) => {}
+        }
+        answer
+    }
+
+    /// Ask `GET /v2/`: any HTTP answer below 500 (401 included: it is alive) counts as up.
+    pub async fn probe(&self) -> bool {
+        let timeout = self.timeout.min(health::PROBE_TIMEOUT);
+        let answered = tokio::time::timeout(timeout, self.client.get(format!("{}/v2/", self.base)).send()).await;
+        matches!(answered, Ok(Ok(r)) if r.status().as_u16() < 500)
+    }
+
+    async fn fetch_inner(
         &self,
         method: &Method,
         path_and_query: &str,

@@ -1,0 +1,126 @@
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process answers),
+//! `/readyz` (configuration loaded, ledger writable, every route has a backend in use) and `/ui`.
+//!
+//! It is a separate port (default 127.0.0.1:9100) so that the registry port exposes nothing but the
+//! registry API.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::metrics::BackendLabel;
+
+/// Serve the admin endpoints until the process ends.
+pub async fn run(listener: TcpListener, app: Arc<App>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(handle(&app, req)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    r
+}
+
+fn handle<B>(app: &App, req: Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            refresh_gauges(app);
+            reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", app.metrics.encode())
+        }
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => {
+            let r = readiness(app);
+            let status = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            reply(status, "application/json", serde_json::to_string(&r).unwrap_or_default())
+        }
+        "/ui" | "/ui/" => reply(StatusCode::OK, "text/html; charset=utf-8", crate::ui::PAGE),
+        "/ui/data.json" => match crate::ui::data(app) {
+            Ok(json) => reply(StatusCode::OK, "application/json", json),
+            Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e}\n")),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+fn refresh_gauges(app: &App) {
+    let snap = app.snapshot();
+    for (name, b) in &snap.backends {
+        app.metrics
+            .backend_up
+            .get_or_create(&BackendLabel { backend: name.clone() })
+            .set(i64::from(!b.health.is_down()));
+    }
+    let stats = &app.recorder.stats;
+    app.metrics.ledger_queue.set(stats.depth() as i64);
+    app.metrics.ledger_dropped.set(stats.dropped.load(Ordering::Relaxed) as i64);
+}
+
+#[derive(serde::Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub config: &'static str,
+    pub ledger: String,
+    pub routes: Vec<RouteReadiness>,
+}
+
+#[derive(serde::Serialize)]
+pub struct RouteReadiness {
+    pub route: String,
+    pub ready: bool,
+    pub backends_up: Vec<String>,
+    pub backends_down: Vec<String>,
+}
+
+pub fn readiness(app: &App) -> Readiness {
+    let snap = app.snapshot();
+    let stats = &app.recorder.stats;
+    let ledger_ok = stats.write_errors.load(Ordering::Relaxed) == 0 || stats.depth() == 0;
+    let ledger = match (&app.recorder.path, ledger_ok) {
+        (None, _) => "disabled".to_owned(),
+        (Some(_), true) => "ok".to_owned(),
+        (Some(_), false) => "write errors".to_owned(),
+    };
+    let mut routes = Vec::new();
+    for r in snap.router.routes() {
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for b in &r.backends {
+            match snap.backends.get(b) {
+                Some(be) if !be.health.is_down() => up.push(b.clone()),
+                _ => down.push(b.clone()),
+            }
+        }
+        routes.push(RouteReadiness {
+            route: r.name.clone(),
+            ready: !up.is_empty(),
+            backends_up: up,
+            backends_down: down,
+        });
+    }
+    let ready = ledger != "write errors" && routes.iter().all(|r| r.ready);
+    Readiness { ready, config: "loaded", ledger, routes }
+}

@@ -1,0 +1,267 @@
+//! The cutover report behind `regmux misses` and the admin page: per route, the share of requests and
+//! bytes its migration target served in a window (cutover readiness), by hour, and the open misses
+//! ranked by how often they were asked for.
+
+use rusqlite::params;
+use serde::Serialize;
+
+use super::store::Store;
+
+#[derive(Debug, Serialize)]
+pub struct RouteReport {
+    pub route: String,
+    pub target: String,
+    pub since: u64,
+    pub requests: u64,
+    pub target_requests: u64,
+    pub bytes: u64,
+    pub target_bytes: u64,
+    /// Percent of requests the target served (100 when there was no traffic).
+    pub target_request_share: f64,
+    pub target_byte_share: f64,
+    pub backends: Vec<BackendTraffic>,
+    pub hours: Vec<HourShare>,
+    pub open_misses: u64,
+    pub misses: Vec<Miss>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendTraffic {
+    /// Empty: nothing served the request.
+    pub backend: String,
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HourShare {
+    pub hour: u64,
+    pub requests: u64,
+    pub target_requests: u64,
+    pub target_request_share: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Miss {
+    pub repository: String,
+    pub reference: String,
+    pub kind: String,
+    pub outcome: String,
+    pub digest: Option<String>,
+    pub served_by: Option<String>,
+    pub count: u64,
+    pub first_seen: u64,
+    pub last_seen: u64,
+}
+
+fn share(part: u64, total: u64) -> f64 {
+    if total == 0 {
+        100.0
+    } else {
+        (part as f64 * 1000.0 / total as f64).round() / 10.0
+    }
+}
+
+/// The report of one route since `since` (unix seconds), with at most `limit` misses.
+pub fn route_report(
+    store: &Store,
+    route: &str,
+    target: &str,
+    since: u64,
+    limit: usize,
+) -> rusqlite::Result<RouteReport> {
+    let c = store.conn();
+    let since_hour = (since / 3600 * 3600) as i64;
+    let mut backends = Vec::new();
+    let mut st = c.prepare_cached(
+        "SELECT backend, sum(requests), sum(bytes) FROM traffic WHERE route = ?1 AND hour >= ?2
+         GROUP BY backend ORDER BY sum(requests) DESC",
+    )?;
+    let rows = st.query_map(params![route, since_hour], |r| {
+        Ok(BackendTraffic {
+            backend: r.get(0)?,
+            requests: r.get::<_, i64>(1)? as u64,
+            bytes: r.get::<_, i64>(2)? as u64,
+        })
+    })?;
+    for row in rows {
+        backends.push(row?);
+    }
+    let requests = backends.iter().map(|b| b.requests).sum();
+    let bytes = backends.iter().map(|b| b.bytes).sum();
+    let target_requests = backends.iter().filter(|b| b.backend == target).map(|b| b.requests).sum();
+    let target_bytes = backends.iter().filter(|b| b.backend == target).map(|b| b.bytes).sum();
+
+    let mut hours = Vec::new();
+    let mut st = c.prepare_cached(
+        "SELECT hour, sum(requests), sum(CASE WHEN backend = ?3 THEN requests ELSE 0 END)
+         FROM traffic WHERE route = ?1 AND hour >= ?2 GROUP BY hour ORDER BY hour",
+    )?;
+    let rows = st.query_map(params![route, since_hour, target], |r| {
+        let (hour, req, tr): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        Ok(HourShare {
+            hour: hour as u64,
+            requests: req as u64,
+            target_requests: tr as u64,
+            target_request_share: share(tr as u64, req as u64),
+        })
+    })?;
+    for row in rows {
+        hours.push(row?);
+    }
+
+    let open_misses: i64 = c.query_row(
+        "SELECT count(*) FROM misses WHERE route = ?1 AND resolved_at IS NULL AND last_seen >= ?2",
+        params![route, since as i64],
+        |r| r.get(0),
+    )?;
+    let mut misses = Vec::new();
+    let mut st = c.prepare_cached(
+        "SELECT repository, reference, kind, outcome, digest, served_by, count, first_seen, last_seen
+         FROM misses WHERE route = ?1 AND resolved_at IS NULL AND last_seen >= ?2
+         ORDER BY count DESC, last_seen DESC LIMIT ?3",
+    )?;
+    let rows = st.query_map(params![route, since as i64, limit as i64], |r| {
+        Ok(Miss {
+            repository: r.get(0)?,
+            reference: r.get(1)?,
+            kind: r.get(2)?,
+            outcome: r.get(3)?,
+            digest: r.get(4)?,
+            served_by: r.get(5)?,
+            count: r.get::<_, i64>(6)? as u64,
+            first_seen: r.get::<_, i64>(7)? as u64,
+            last_seen: r.get::<_, i64>(8)? as u64,
+        })
+    })?;
+    for row in rows {
+        misses.push(row?);
+    }
+    Ok(RouteReport {
+        route: route.to_owned(),
+        target: target.to_owned(),
+        since,
+        requests,
+        target_requests,
+        bytes,
+        target_bytes,
+        target_request_share: share(target_requests, requests),
+        target_byte_share: share(target_bytes, bytes),
+        backends,
+        hours,
+        open_misses: open_misses as u64,
+        misses,
+    })
+}
+
+/// Human-readable rendering of reports.
+pub fn render_table(reports: &[RouteReport]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "route {}  target {}: {:.1}% of requests ({} of {}), {:.1}% of bytes ({} of {}); {} open misses",
+            r.route,
+            r.target,
+            r.target_request_share,
+            r.target_requests,
+            r.requests,
+            r.target_byte_share,
+            human_bytes(r.target_bytes),
+            human_bytes(r.bytes),
+            r.open_misses
+        );
+        for b in &r.backends {
+            let name = if b.backend.is_empty() { "(nothing served)" } else { &b.backend };
+            let _ = writeln!(out, "  {name:<24} {:>10} requests {:>12}", b.requests, human_bytes(b.bytes));
+        }
+        if !r.misses.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {:>6}  {:<9} {:<8} {:<16} {:<60} DIGEST",
+                "COUNT", "OUTCOME", "KIND", "SERVED BY", "IMAGE"
+            );
+            for m in &r.misses {
+                let image = if m.reference.contains(':') {
+                    format!("{}@{}", m.repository, m.reference)
+                } else {
+                    format!("{}:{}", m.repository, m.reference)
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:>6}  {:<9} {:<8} {:<16} {:<60} {}",
+                    m.count,
+                    m.outcome,
+                    m.kind,
+                    m.served_by.as_deref().unwrap_or("-"),
+                    image,
+                    m.digest.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    out
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Event, Outcome};
+    use super::*;
+
+    fn ev(route: &str, reference: &str, served_by: Option<&str>, bytes: u64, miss: Option<Outcome>) -> Event {
+        Event {
+            at: 7200 + 10,
+            route: route.into(),
+            repository: "library/alpine".into(),
+            reference: reference.into(),
+            kind: "blob",
+            digest: Some(reference.into()),
+            served_by: served_by.map(Into::into),
+            bytes,
+            miss,
+        }
+    }
+
+    #[test]
+    fn readiness_and_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("l.db")).unwrap();
+        s.apply(&[
+            ev("hub", "sha256:a", Some("harbor"), 300, None),
+            ev("hub", "sha256:b", Some("old"), 100, Some(Outcome::Fallback)),
+            ev("hub", "sha256:b", Some("old"), 100, Some(Outcome::Fallback)),
+            ev("hub", "sha256:c", None, 0, Some(Outcome::Absent)),
+        ])
+        .unwrap();
+        let r = route_report(&s, "hub", "harbor", 0, 10).unwrap();
+        assert_eq!((r.requests, r.target_requests, r.bytes, r.target_bytes), (4, 1, 500, 300));
+        assert_eq!(r.target_request_share, 25.0);
+        assert_eq!(r.target_byte_share, 60.0);
+        assert_eq!(r.open_misses, 2);
+        assert_eq!(r.misses[0].reference, "sha256:b");
+        assert_eq!(r.misses[0].count, 2);
+        assert_eq!(r.hours.len(), 1);
+        // The target now serves b: that miss closes.
+        s.apply(&[ev("hub", "sha256:b", Some("harbor"), 100, None)]).unwrap();
+        let r = route_report(&s, "hub", "harbor", 0, 10).unwrap();
+        assert_eq!(r.open_misses, 1);
+        assert_eq!(r.misses[0].reference, "sha256:c");
+        assert!(render_table(&[r]).contains("sha256:c"));
+    }
+}

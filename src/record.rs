@@ -1,0 +1,164 @@
+//! The "record" stage of a request (`DESIGN.md`, step 6): what the request did, gathered while it runs
+//! ([`Ctx`]), then, when its body is finished or dropped, one structured log event, the metrics, and a
+//! ledger event. Nothing here blocks: the ledger only queues.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Response};
+
+use crate::app::App;
+use crate::backend::Backend;
+use crate::body::ProxyBody;
+use crate::ledger::{now_unix, Event, Outcome};
+use crate::metrics::{FallbackLabels, RequestLabels, RouteBackend};
+
+/// What one request did.
+pub struct Ctx {
+    started: Instant,
+    pub method: Method,
+    pub route: String,
+    /// The route's migration target.
+    pub target: String,
+    pub repo: String,
+    pub kind: &'static str,
+    pub reference: String,
+    pub digest: Option<String>,
+    /// The backend whose bytes were served ("union" for merged listings).
+    pub served_by: String,
+    pub from_cache: bool,
+    pub attempts: Vec<String>,
+    /// The target failed (as opposed to not having it).
+    target_failed: bool,
+}
+
+impl Ctx {
+    pub fn new(method: Method) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            method,
+            route: String::new(),
+            target: String::new(),
+            repo: String::new(),
+            kind: "",
+            reference: String::new(),
+            digest: None,
+            served_by: String::new(),
+            from_cache: false,
+            attempts: Vec::new(),
+            target_failed: false,
+        }
+    }
+
+    /// A backend did not have it.
+    pub fn missing(&mut self, backend: &Backend, what: impl std::fmt::Display) {
+        self.attempts.push(format!("{}: {what}", backend.name));
+    }
+
+    /// A backend failed to answer.
+    pub fn failed(&mut self, backend: &Backend, what: impl std::fmt::Display) {
+        self.attempts.push(format!("{}: {what}", backend.name));
+        if *backend.name == *self.target {
+            self.target_failed = true;
+        }
+    }
+
+    /// Backends skipped because they are down; true if there were any.
+    pub fn skipped(&mut self, names: &[Arc<str>]) -> bool {
+        for n in names {
+            self.attempts.push(format!("{n}: down, skipped"));
+            if **n == *self.target {
+                self.target_failed = true;
+            }
+        }
+        !names.is_empty()
+    }
+
+    pub fn served(&mut self, backend: &str) {
+        self.served_by = backend.to_owned();
+    }
+
+    /// Why the target did not serve, or `None` if it did (or this request is not about content).
+    fn miss(&self) -> Option<Outcome> {
+        if self.served_by == self.target {
+            None
+        } else if self.target_failed {
+            Some(Outcome::Error)
+        } else if self.served_by.is_empty() {
+            Some(Outcome::Absent)
+        } else {
+            Some(Outcome::Fallback)
+        }
+    }
+
+    /// Attach the record stage to the response: it runs when the body is done.
+    pub fn finish(self, app: &App, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        let status = resp.status().as_u16();
+        let (metrics, recorder) = (app.metrics.clone(), app.recorder.clone());
+        metrics.in_flight.inc();
+        let (parts, body) = resp.into_parts();
+        let body = body.on_finish(Box::new(move |bytes, complete| {
+            let ctx = self;
+            metrics.in_flight.dec();
+            tracing::info!(
+                method = %ctx.method,
+                route = %ctx.route,
+                repository = %ctx.repo,
+                kind = ctx.kind,
+                reference = %ctx.reference,
+                served_by = %ctx.served_by,
+                cache = ctx.from_cache,
+                attempts = %ctx.attempts.join("; "),
+                status,
+                bytes,
+                complete,
+                duration_ms = ctx.started.elapsed().as_micros() as f64 / 1000.0,
+                "request"
+            );
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: ctx.route.clone(),
+                    backend: ctx.served_by.clone(),
+                    kind: ctx.kind.to_owned(),
+                    method: ctx.method.to_string(),
+                    status,
+                })
+                .inc();
+            if bytes > 0 {
+                metrics
+                    .bytes
+                    .get_or_create(&RouteBackend { route: ctx.route.clone(), backend: ctx.served_by.clone() })
+                    .inc_by(bytes);
+            }
+            let content = matches!(ctx.kind, "manifest" | "blob");
+            let asked = !ctx.served_by.is_empty() || !ctx.attempts.is_empty();
+            if ctx.route.is_empty() || !content || !asked {
+                return;
+            }
+            let miss = ctx.miss();
+            if miss == Some(Outcome::Fallback) {
+                metrics
+                    .fallbacks
+                    .get_or_create(&FallbackLabels {
+                        route: ctx.route.clone(),
+                        from: ctx.target.clone(),
+                        to: ctx.served_by.clone(),
+                    })
+                    .inc();
+            }
+            recorder.record(Event {
+                at: now_unix(),
+                route: ctx.route,
+                repository: ctx.repo,
+                reference: ctx.reference,
+                kind: ctx.kind,
+                digest: ctx.digest,
+                served_by: (!ctx.served_by.is_empty()).then_some(ctx.served_by),
+                bytes,
+                miss,
+            });
+        }));
+        Response::from_parts(parts, body)
+    }
+}
