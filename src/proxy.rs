@@ -72,6 +72,7 @@ async fn dispatch<B>(app: &App, req: &Request<B>, ctx: &mut Ctx) -> Result<Respo
     let route = routed.route;
     ctx.route = route.name.clone();
     ctx.target = route.target.clone();
+    ctx.via = routed.via.as_str();
     if let Some(n) = &routed.name {
         ctx.repo = n.to_string();
     }

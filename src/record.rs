@@ -18,6 +18,8 @@ pub struct Ctx {
     started: Instant,
     pub method: Method,
     pub route: String,
+    /// How the route was chosen (`ns`, `prefix`, `host`, `default`).
+    pub via: &'static str,
     /// The route's migration target.
     pub target: String,
     pub repo: String,
@@ -38,6 +40,7 @@ impl Ctx {
             started: Instant::now(),
             method,
             route: String::new(),
+            via: "",
             target: String::new(),
             repo: String::new(),
             kind: "",
@@ -103,6 +106,7 @@ impl Ctx {
             tracing::info!(
                 method = %ctx.method,
                 route = %ctx.route,
+                via = ctx.via,
                 repository = %ctx.repo,
                 kind = ctx.kind,
                 reference = %ctx.reference,

@@ -1,0 +1,191 @@
+//! Complete image pulls through regmux by the real clients it serves: skopeo (containers/image, as
+//! Podman) through a `registries.conf` path-prefix mirror, containerd through `hosts.toml` (`ns`
+//! routing), and dockerd with `--registry-mirror` (the default route, `library/` names).
+//!
+//! The backends play the migration of `DESIGN.md`: "harbor" holds images under project prefixes
+//! (`hub-proxy/…`, `quay-proxy/…`) and lacks one layer of one image (a partly cached proxy-cache
+//! project); "old" is the old mirror and holds everything under the plain names. Every pull must
+//! complete with the right digests, taking the manifest from one backend and blobs from both.
+//!
+//! containerd, dockerd and /etc/hosts are machine-wide: everything that touches them runs in one test.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+struct Setup {
+    lab: Lab,
+    harbor: Registry,
+    old: Registry,
+    regmux: Regmux,
+}
+
+/// Images: `library/alpine:3.19` (Docker schema2) and `quay.io/keycloak/keycloak:24.0` (OCI) and
+/// `quay.io/multi/app:1` (a two-platform OCI index). Harbor has alpine and keycloak under its
+/// project prefixes but lacks keycloak's first layer, and does not have the index at all.
+fn setup() -> Setup {
+    let lab = Lab::new();
+    let harbor = Registry::start(lab.dir("harbor"), RegistryOpts::plain());
+    let old = Registry::start(lab.dir("old"), RegistryOpts::plain());
+    push("small", &format!("{}/library/alpine:3.19", old.addr()), Format::V2s2);
+    push("other", &format!("{}/keycloak/keycloak:24.0", old.addr()), Format::Oci);
+    push("multi", &format!("{}/multi/app:1", old.addr()), Format::All);
+    push("small", &format!("{}/hub-proxy/library/alpine:3.19", harbor.addr()), Format::V2s2);
+    push("other", &format!("{}/quay-proxy/keycloak/keycloak:24.0", harbor.addr()), Format::Oci);
+    delete_blob(&harbor.url(), "quay-proxy/keycloak/keycloak", &layer_digests("other")[0]);
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[ledger]
+path = "{ledger}"
+[backends.harbor-hub]
+url = "{harbor}"
+prefix = "hub-proxy"
+[backends.harbor-quay]
+url = "{harbor}"
+prefix = "quay-proxy"
+[backends.old-hub]
+url = "{old}"
+[backends.old-quay]
+url = "{old}"
+[[routes]]
+name = "docker.io"
+registries = ["docker.io"]
+backends = ["harbor-hub", "old-hub"]
+default = true
+[[routes]]
+name = "quay.io"
+registries = ["quay.io"]
+backends = ["harbor-quay", "old-quay"]
+"#,
+        ledger = lab.path().join("ledger.db").display(),
+        harbor = harbor.url(),
+        old = old.url(),
+    );
+    let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
+    Setup { lab, harbor, old, regmux }
+}
+
+fn saw(reg: &Registry, method: &str, path: &str) -> bool {
+    reg.requests().iter().any(|r| r.method == method && r.path == path && r.status < 400)
+}
+
+/// Wait for a request to show up in a registry's access log (it is written after the response).
+fn wait_saw(reg: &Registry, method: &str, path: &str) {
+    wait_for(&format!("{method} {path} in the access log"), Duration::from_secs(5), || {
+        saw(reg, method, path).then_some(())
+    });
+}
+
+fn oci_layout_index(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("read index.json")).expect("index.json")
+}
+
+#[test]
+fn skopeo_pulls_through_a_path_prefix_mirror_from_two_backends() {
+    let s = setup();
+    // Podman/skopeo keep a mirror's path prefix: regmux sees /v2/quay.io/keycloak/keycloak/….
+    let conf = write_registries_conf(s.lab.path(), "quay.io", &format!("{}/quay.io", s.regmux.addr()));
+    let out_dir = s.lab.path().join("kc");
+    let out = skopeo_copy_via_mirror(&conf, "quay.io/keycloak/keycloak:24.0", &out_dir);
+    assert!(out.status.success(), "skopeo: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
+    assert_eq!(oci_layout_index(&out_dir)["manifests"][0]["digest"], manifest_digest("other", Format::Oci));
+    // skopeo verified every blob's digest while writing the layout; they are all there.
+    for d in blob_digests("other") {
+        let hex = d.trim_start_matches("sha256:");
+        assert!(out_dir.join("blobs/sha256").join(hex).exists(), "blob {d} in the pulled layout");
+    }
+    // The manifest and the present layer came from Harbor's project, the missing layer from the old mirror.
+    let manifest = "/v2/quay-proxy/keycloak/keycloak/manifests/24.0";
+    wait_saw(&s.harbor, "GET", manifest);
+    let missing = &layer_digests("other")[0];
+    wait_saw(&s.old, "GET", &format!("/v2/keycloak/keycloak/blobs/{missing}"));
+    let present = layer_digests("other").into_iter().nth(1);
+    if let Some(present) = present {
+        wait_saw(&s.harbor, "GET", &format!("/v2/quay-proxy/keycloak/keycloak/blobs/{present}"));
+        assert!(
+            !saw(&s.old, "GET", &format!("/v2/keycloak/keycloak/blobs/{present}")),
+            "a blob Harbor has is not fetched from the old mirror"
+        );
+    }
+    assert!(!saw(&s.old, "GET", "/v2/keycloak/keycloak/manifests/24.0"), "Harbor answered the manifest");
+}
+
+#[test]
+fn skopeo_pulls_a_multi_platform_index_by_prefix() {
+    let s = setup();
+    let conf = write_registries_conf(s.lab.path(), "quay.io", &format!("{}/quay.io", s.regmux.addr()));
+    let out_dir = s.lab.path().join("multi");
+    let out = skopeo_copy_via_mirror(&conf, "quay.io/multi/app:1", &out_dir);
+    assert!(out.status.success(), "skopeo: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
+    // skopeo resolves the index to this machine's platform (amd64) and stores that manifest.
+    assert_eq!(oci_layout_index(&out_dir)["manifests"][0]["digest"], manifest_digest("multi-amd64", Format::Oci));
+    wait_saw(&s.old, "GET", "/v2/multi/app/manifests/1");
+    // Harbor was asked first (and did not have it).
+    assert!(s.harbor.requests().iter().any(|r| r.path == "/v2/quay-proxy/multi/app/manifests/1" && r.status == 404));
+}
+
+/// containerd (`ns` routing) and dockerd (`--registry-mirror`, default route, `library/`).
+#[test]
+fn containerd_and_dockerd_pull_complete_images() {
+    let _machine = machine_lock();
+    let s = setup();
+    let _hosts = EtcHostsGuard::docker_hub();
+
+    let containerd = Containerd::start(&s.lab);
+    // docker.io → regmux: every request carries ?ns=docker.io.
+    let hosts = write_hosts_toml(s.lab.path().join("hosts"), "docker.io", &s.regmux.url(), false);
+    let out = containerd.pull("docker.io/library/alpine:3.19", &hosts);
+    assert!(out.status.success(), "ctr pull alpine: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
+    assert_eq!(containerd.image_digest("docker.io/library/alpine:3.19"), Some(manifest_digest("small", Format::V2s2)));
+    wait_saw(&s.harbor, "HEAD", "/v2/hub-proxy/library/alpine/manifests/3.19");
+
+    // quay.io → regmux with ns=quay.io; the image is partly in Harbor.
+    let hosts = write_hosts_toml(s.lab.path().join("hosts"), "quay.io", &s.regmux.url(), false);
+    let out = containerd.pull("quay.io/keycloak/keycloak:24.0", &hosts);
+    assert!(out.status.success(), "ctr pull keycloak: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
+    assert_eq!(containerd.image_digest("quay.io/keycloak/keycloak:24.0"), Some(manifest_digest("other", Format::Oci)));
+    wait_saw(&s.old, "GET", &format!("/v2/keycloak/keycloak/blobs/{}", layer_digests("other")[0]));
+    let logs = s.regmux.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("route=quay.io") && l.contains("via=\"ns\"") && l.contains("kind=\"blob\"")),
+        "containerd's requests are routed by their ns parameter:\n{logs}"
+    );
+
+    // The whole index, every platform.
+    let out = containerd.ctr(&[
+        "images",
+        "pull",
+        "--all-platforms",
+        "--hosts-dir",
+        hosts.to_str().expect("utf-8 path"),
+        "--plain-http",
+        "quay.io/multi/app:1",
+    ]);
+    assert!(out.status.success(), "ctr pull index: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
+    assert_eq!(containerd.image_digest("quay.io/multi/app:1"), Some(manifest_digest("multi", Format::All)));
+    drop(containerd);
+
+    // dockerd: Docker Hub through the mirror, one-segment name → library/alpine on the default route.
+    let dockerd = Dockerd::start(&s.lab, &s.regmux.url());
+    let out = dockerd.pull("alpine:3.19");
+    assert!(
+        out.status.success(),
+        "docker pull: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        dockerd.log(),
+        s.regmux.logs()
+    );
+    assert_eq!(dockerd.image_id("alpine:3.19"), Some(config_digest("small")));
+    assert_eq!(dockerd.repo_digests("alpine:3.19"), [format!("alpine@{}", manifest_digest("small", Format::V2s2))]);
+    // Plain Docker users address another registry by prefix: HOST:PORT/quay.io/keycloak/keycloak.
+    let image = format!("{}/quay.io/keycloak/keycloak:24.0", s.regmux.addr());
+    let out = dockerd.pull(&image);
+    assert!(out.status.success(), "docker pull {image}: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
+    assert_eq!(dockerd.image_id(&image), Some(config_digest("other")));
+}
