@@ -30,6 +30,7 @@ pub mod app;
 pub mod backend;
 pub mod body;
 pub mod clientauth;
+pub mod clientconfig;
 pub mod config;
 pub mod ledger;
 pub mod listing;

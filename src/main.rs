@@ -67,8 +67,26 @@ enum Command {
     Inventory,
     /// Bring images into the migration target (not available in this version).
     Migrate,
-    /// Print client configuration for Docker, Podman and containerd (not available in this version).
-    ClientConfig,
+    /// Print what Docker, Podman or containerd needs to pull through regmux, for every route.
+    ClientConfig {
+        #[arg(long, env = "REGMUX_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long = "for", value_enum)]
+        client: ClientKind,
+        /// How clients reach regmux, e.g. https://mirror.example:5000 (default: from [server] listen).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Write the files under this folder (DIR/etc/...) instead of printing them.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ClientKind {
+    Docker,
+    Podman,
+    Containerd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -116,7 +134,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Inventory | Command::Migrate | Command::ClientConfig => {
+        Command::ClientConfig { config, client, endpoint, out } => {
+            match client_config(config.as_deref(), client, endpoint, out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("regmux: {e:#}");
+                    ExitCode::from(if e.is::<ConfigProblem>() { EXIT_CONFIG } else { 1 })
+                }
+            }
+        }
+        Command::Inventory | Command::Migrate => {
             eprintln!("regmux: this subcommand is not available in this version yet");
             ExitCode::from(2)
         }
@@ -201,6 +228,40 @@ fn misses(
         Format::Table => print!("{}", report::render_table(&reports)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn client_config(
+    path: Option<&Path>,
+    client: ClientKind,
+    endpoint: Option<String>,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use regmux::clientconfig::{render, Client};
+    let config = load(path).map_err(|e| ConfigProblem(e.to_string()))?;
+    let endpoint = endpoint.unwrap_or_else(|| {
+        let scheme = if config.server.tls_cert.is_some() { "https" } else { "http" };
+        let port = config.server.listen.rsplit_once(':').map_or("5000", |(_, p)| p);
+        format!("{scheme}://localhost:{port}")
+    });
+    let client = match client {
+        ClientKind::Docker => Client::Docker,
+        ClientKind::Podman => Client::Podman,
+        ClientKind::Containerd => Client::Containerd,
+    };
+    for f in render(&config, client, &endpoint) {
+        match &out {
+            Some(dir) => {
+                let target = dir.join(f.path.trim_start_matches('/'));
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+                }
+                std::fs::write(&target, &f.text).with_context(|| format!("write {}", target.display()))?;
+                println!("wrote {}", target.display());
+            }
+            None => print!("# ---- {} ----\n{}\n", f.path, f.text),
+        }
+    }
+    Ok(())
 }
 
 /// `7d`, `24h`, `30m`, `90s` → seconds.

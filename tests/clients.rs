@@ -71,6 +71,21 @@ backends = ["harbor-quay", "old-quay"]
     Setup { lab, harbor, old, regmux }
 }
 
+/// `regmux client-config --for CLIENT --out DIR`: the files a user would install, written under `dir`.
+fn client_config(s: &Setup, client: &str) -> std::path::PathBuf {
+    let dir = s.lab.path().join(format!("client-config-{client}"));
+    let out = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_regmux"))
+            .args(["client-config", "--for", client, "--endpoint", &s.regmux.url(), "--config"])
+            .arg(s.regmux.config_path())
+            .arg("--out")
+            .arg(&dir),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "client-config --for {client}: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
 fn saw(reg: &Registry, method: &str, path: &str) -> bool {
     reg.requests().iter().any(|r| r.method == method && r.path == path && r.status < 400)
 }
@@ -90,7 +105,8 @@ fn oci_layout_index(dir: &std::path::Path) -> serde_json::Value {
 fn skopeo_pulls_through_a_path_prefix_mirror_from_two_backends() {
     let s = setup();
     // Podman/skopeo keep a mirror's path prefix: regmux sees /v2/quay.io/keycloak/keycloak/….
-    let conf = write_registries_conf(s.lab.path(), "quay.io", &format!("{}/quay.io", s.regmux.addr()));
+    // The registries.conf is the one `regmux client-config --for podman` writes.
+    let conf = client_config(&s, "podman").join("etc/containers/registries.conf.d/regmux.conf");
     let out_dir = s.lab.path().join("kc");
     let out = skopeo_copy_via_mirror(&conf, "quay.io/keycloak/keycloak:24.0", &out_dir);
     assert!(out.status.success(), "skopeo: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
@@ -138,15 +154,15 @@ fn containerd_and_dockerd_pull_complete_images() {
     let _hosts = EtcHostsGuard::docker_hub();
 
     let containerd = Containerd::start(&s.lab);
-    // docker.io → regmux: every request carries ?ns=docker.io.
-    let hosts = write_hosts_toml(s.lab.path().join("hosts"), "docker.io", &s.regmux.url(), false);
+    // The hosts.toml files are the ones `regmux client-config --for containerd` writes; every request
+    // then carries ?ns=docker.io or ?ns=quay.io.
+    let hosts = client_config(&s, "containerd").join("etc/containerd/certs.d");
     let out = containerd.pull("docker.io/library/alpine:3.19", &hosts);
     assert!(out.status.success(), "ctr pull alpine: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
     assert_eq!(containerd.image_digest("docker.io/library/alpine:3.19"), Some(manifest_digest("small", Format::V2s2)));
     wait_saw(&s.harbor, "HEAD", "/v2/hub-proxy/library/alpine/manifests/3.19");
 
     // quay.io → regmux with ns=quay.io; the image is partly in Harbor.
-    let hosts = write_hosts_toml(s.lab.path().join("hosts"), "quay.io", &s.regmux.url(), false);
     let out = containerd.pull("quay.io/keycloak/keycloak:24.0", &hosts);
     assert!(out.status.success(), "ctr pull keycloak: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
     assert_eq!(containerd.image_digest("quay.io/keycloak/keycloak:24.0"), Some(manifest_digest("other", Format::Oci)));
@@ -172,7 +188,14 @@ fn containerd_and_dockerd_pull_complete_images() {
     drop(containerd);
 
     // dockerd: Docker Hub through the mirror, one-segment name → library/alpine on the default route.
-    let dockerd = Dockerd::start(&s.lab, &s.regmux.url());
+    // The mirror is the one `regmux client-config --for docker` puts in daemon.json.
+    let daemon: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(client_config(&s, "docker").join("etc/docker/daemon.json")).expect("read daemon.json"),
+    )
+    .expect("daemon.json");
+    assert_eq!(daemon["registry-mirrors"], serde_json::json!([s.regmux.url()]));
+    assert_eq!(daemon["insecure-registries"], serde_json::json!([s.regmux.addr()]));
+    let dockerd = Dockerd::start(&s.lab, daemon["registry-mirrors"][0].as_str().expect("a mirror"));
     let out = dockerd.pull("alpine:3.19");
     assert!(
         out.status.success(),
