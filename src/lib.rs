@@ -20,6 +20,7 @@
 //!   and how much traffic each backend carried; `regmux misses` reports from it.
 //! - [`clientauth`] checks client credentials against an htpasswd file when one is configured.
 //! - [`respond`] is the only place that builds error responses and filters backend headers.
+//! - [`migrate`] drives the migration: `inventory` of a registry, `migrate` into the target.
 //! - [`admin`] serves `/metrics`, `/healthz`, `/readyz` and the [`ui`] page on a separate port.
 //! - [`registry`] is the wire protocol without I/O; [`config`] the TOML schema and its validation;
 //!   [`app`] the shared state that a reload swaps.
@@ -35,6 +36,7 @@ pub mod config;
 pub mod ledger;
 pub mod listing;
 pub mod metrics;
+pub mod migrate;
 pub mod proxy;
 pub mod record;
 pub mod registry;

@@ -10,13 +10,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use regmux::app::App;
 use regmux::config::Config;
+
+mod cli;
 use regmux::ledger::Recorder;
 use regmux::server;
 
 /// Exit code for a configuration that cannot be used (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+pub(crate) const EXIT_CONFIG: u8 = 64;
 /// Where the ledger lives when the configuration has no `[ledger] path`.
-const DEFAULT_LEDGER: &str = "/var/lib/regmux/ledger.db";
+pub(crate) const DEFAULT_LEDGER: &str = "/var/lib/regmux/ledger.db";
 
 #[derive(Parser)]
 #[command(
@@ -63,10 +65,50 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// List what a registry really holds (not available in this version).
-    Inventory,
-    /// Bring images into the migration target (not available in this version).
-    Migrate,
+    /// List what a registry really holds, image by image (`repo:tag@digest` per line, or JSON).
+    Inventory {
+        #[arg(long, env = "REGMUX_CONFIG")]
+        config: Option<PathBuf>,
+        /// The backend (from the configuration) to list.
+        #[arg(long)]
+        backend: String,
+        /// Read the backend's distribution storage folder instead of its API (read-only; downloads nothing).
+        #[arg(long)]
+        storage: Option<PathBuf>,
+        /// Only repositories matching this glob (`library/*`).
+        #[arg(long)]
+        repo: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// Bring images into a route's target by digest: warm a Harbor proxy cache, or copy.
+    Migrate {
+        #[arg(long, env = "REGMUX_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        route: String,
+        /// Everything the ledger records as still missing from the target.
+        #[arg(long, conflicts_with = "from", required_unless_present = "from")]
+        from_ledger: bool,
+        /// An inventory: `regmux inventory` output (text lines or JSON).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// The backend to fill (default: the route's target).
+        #[arg(long)]
+        to: Option<String>,
+        /// warm (GET through a proxy cache) or copy (push); default: warm for kind = "harbor", else copy.
+        #[arg(long, value_enum)]
+        mode: Option<MigrateMode>,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Say what would move, move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Print what Docker, Podman or containerd needs to pull through regmux, for every route.
     ClientConfig {
         #[arg(long, env = "REGMUX_CONFIG")]
@@ -83,14 +125,21 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum ClientKind {
+pub(crate) enum ClientKind {
     Docker,
     Podman,
     Containerd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum Format {
+pub(crate) enum MigrateMode {
+    Warm,
+    Copy,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum Format {
+    #[value(alias = "text")]
     Table,
     Json,
 }
@@ -124,9 +173,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { config } => check(config.as_deref()),
+        Command::Check { config } => cli::check(config.as_deref()),
         Command::Misses { config, route, since, format, limit } => {
-            match misses(config.as_deref(), route.as_deref(), &since, format, limit) {
+            match cli::misses(config.as_deref(), route.as_deref(), &since, format, limit) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("regmux: {e:#}");
@@ -135,7 +184,7 @@ fn main() -> ExitCode {
             }
         }
         Command::ClientConfig { config, client, endpoint, out } => {
-            match client_config(config.as_deref(), client, endpoint, out) {
+            match cli::client_config(config.as_deref(), client, endpoint, out) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("regmux: {e:#}");
@@ -143,14 +192,29 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Inventory | Command::Migrate => {
-            eprintln!("regmux: this subcommand is not available in this version yet");
-            ExitCode::from(2)
+        Command::Inventory { config, backend, storage, repo, format, concurrency } => {
+            exit(cli::inventory(config.as_deref(), &backend, storage.as_deref(), repo.as_deref(), format, concurrency))
+        }
+        Command::Migrate { config, route, from_ledger, from, to, mode, concurrency, dry_run, format } => {
+            let source =
+                if from_ledger { cli::Source::Ledger } else { cli::Source::Inventory(from.unwrap_or_default()) };
+            exit(cli::migrate(config.as_deref(), &route, source, to.as_deref(), mode, concurrency, dry_run, format))
         }
     }
 }
 
-fn load(path: Option<&Path>) -> Result<Config, regmux::config::ConfigError> {
+/// The exit code of a CLI command: 64 for configuration problems, 1 for other errors.
+fn exit(r: anyhow::Result<ExitCode>) -> ExitCode {
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("regmux: {e:#}");
+            ExitCode::from(if e.is::<ConfigProblem>() { EXIT_CONFIG } else { 1 })
+        }
+    }
+}
+
+pub(crate) fn load(path: Option<&Path>) -> Result<Config, regmux::config::ConfigError> {
     match path {
         Some(p) => Config::load(p),
         None => Ok(Config::builtin()),
@@ -159,123 +223,7 @@ fn load(path: Option<&Path>) -> Result<Config, regmux::config::ConfigError> {
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct ConfigProblem(String);
-
-fn check(path: Option<&Path>) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("regmux: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    if let Err(e) = App::new(config.clone(), Recorder::disabled()) {
-        eprintln!("regmux: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    println!("configuration OK: {}", path.map_or("built-in default".into(), |p| p.display().to_string()));
-    println!("listen {}  admin {}", config.server.listen, config.admin.listen);
-    for r in &config.routes {
-        let mut claims = Vec::new();
-        if !r.registries.is_empty() {
-            claims.push(format!("registries {}", r.registries.join(", ")));
-        }
-        if !r.hosts.is_empty() {
-            claims.push(format!("hosts {}", r.hosts.join(", ")));
-        }
-        if r.default {
-            claims.push("default".into());
-        }
-        println!("route {:?}: {}", r.name, claims.join("; "));
-        for (i, b) in r.backends.iter().enumerate() {
-            let bc = &config.backends[b];
-            let prefix = bc.prefix.as_deref().map(|p| format!("/{p}")).unwrap_or_default();
-            let target = if r.target() == Some(b.as_str()) { "  (migration target)" } else { "" };
-            println!("  {}. {b}: {}{prefix}{target}", i + 1, bc.url);
-        }
-    }
-    ExitCode::SUCCESS
-}
-
-fn misses(
-    path: Option<&Path>,
-    route: Option<&str>,
-    since: &str,
-    format: Format,
-    limit: usize,
-) -> anyhow::Result<ExitCode> {
-    use regmux::ledger::{report, store::Store};
-    let config = load(path).map_err(|e| ConfigProblem(e.to_string()))?;
-    let window =
-        parse_window(since).ok_or_else(|| ConfigProblem(format!("--since {since:?}: expected like 7d, 24h or 30m")))?;
-    let db = config.ledger.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LEDGER));
-    let store = Store::open_read_only(&db).with_context(|| format!("cannot open the ledger {}", db.display()))?;
-    let since_ts = regmux::ledger::now_unix().saturating_sub(window);
-    let mut reports = Vec::new();
-    for r in &config.routes {
-        if route.is_some_and(|want| want != r.name) {
-            continue;
-        }
-        reports.push(report::route_report(&store, &r.name, r.target().unwrap_or_default(), since_ts, limit)?);
-    }
-    if let Some(want) = route {
-        if reports.is_empty() {
-            return Err(ConfigProblem(format!("no route named {want:?} in the configuration")).into());
-        }
-    }
-    match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
-        Format::Table => print!("{}", report::render_table(&reports)),
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn client_config(
-    path: Option<&Path>,
-    client: ClientKind,
-    endpoint: Option<String>,
-    out: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    use regmux::clientconfig::{render, Client};
-    let config = load(path).map_err(|e| ConfigProblem(e.to_string()))?;
-    let endpoint = endpoint.unwrap_or_else(|| {
-        let scheme = if config.server.tls_cert.is_some() { "https" } else { "http" };
-        let port = config.server.listen.rsplit_once(':').map_or("5000", |(_, p)| p);
-        format!("{scheme}://localhost:{port}")
-    });
-    let client = match client {
-        ClientKind::Docker => Client::Docker,
-        ClientKind::Podman => Client::Podman,
-        ClientKind::Containerd => Client::Containerd,
-    };
-    for f in render(&config, client, &endpoint) {
-        match &out {
-            Some(dir) => {
-                let target = dir.join(f.path.trim_start_matches('/'));
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
-                }
-                std::fs::write(&target, &f.text).with_context(|| format!("write {}", target.display()))?;
-                println!("wrote {}", target.display());
-            }
-            None => print!("# ---- {} ----\n{}\n", f.path, f.text),
-        }
-    }
-    Ok(())
-}
-
-/// `7d`, `24h`, `30m`, `90s` → seconds.
-fn parse_window(s: &str) -> Option<u64> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "d" => n * 86_400,
-        "h" => n * 3600,
-        "m" => n * 60,
-        "s" => n,
-        _ => return None,
-    })
-}
+pub(crate) struct ConfigProblem(String);
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -69,6 +69,8 @@ pub enum FetchError {
     Unauthorized,
     #[error("repository name too long with this backend's prefix")]
     NameTooLong,
+    #[error("the backend named a location on another host; not followed with credentials")]
+    ForeignLocation,
 }
 
 impl FetchError {
@@ -77,7 +79,7 @@ impl FetchError {
         match self {
             FetchError::Connect(_) | FetchError::Timeout(_) | FetchError::Token(_) => true,
             FetchError::Status(s) => s.is_server_error(),
-            FetchError::Unauthorized | FetchError::NameTooLong => false,
+            FetchError::Unauthorized | FetchError::NameTooLong | FetchError::ForeignLocation => false,
         }
     }
 }
@@ -219,22 +221,32 @@ impl Backend {
             Some(r) => format!("repository:{r}:pull"),
             None => "registry:catalog:*".to_owned(),
         };
-        let url = format!("{}{}", self.base, path_and_query);
-        let mut authorization = match self.authorization(&scope).await {
-            Ok(a) => a,
-            Err(e) => return Answer::Failed(e),
-        };
+        match self.request(method, path_and_query, &scope, headers, None).await {
+            Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => Answer::Failed(FetchError::Status(resp.status())),
+            Ok(resp) => classify(resp, self.redirects),
+            Err(e) => Answer::Failed(e),
+        }
+    }
+
+    /// One authenticated request with an explicit token `scope` (e.g. `repository:a/b:pull,push`) and an
+    /// optional body (replayable, so a 401 can be retried once with a fresh token). `target` is a path
+    /// on this backend, or an absolute URL on this backend's host (an upload `Location`). Returns the
+    /// response whatever its status.
+    pub async fn request(
+        &self,
+        method: &Method,
+        target: &str,
+        scope: &str,
+        headers: &HeaderMap,
+        body: Option<bytes::Bytes>,
+    ) -> Result<reqwest::Response, FetchError> {
+        let url = self.url_for(target)?;
+        let mut authorization = self.authorization(scope).await?;
         let mut retried = false;
         loop {
-            let resp = match self.send(method, &url, headers, authorization.as_ref()).await {
-                Ok(r) => r,
-                Err(e) => return Answer::Failed(e),
-            };
-            if resp.status() != StatusCode::UNAUTHORIZED {
-                return classify(resp, self.redirects);
-            }
-            if retried {
-                return Answer::Failed(FetchError::Status(StatusCode::UNAUTHORIZED));
+            let resp = self.send(method, &url, headers, authorization.as_ref(), body.clone()).await?;
+            if resp.status() != StatusCode::UNAUTHORIZED || retried {
+                return Ok(resp);
             }
             retried = true;
             // A 401: learn the challenge, drop a token that was refused (expired or insufficient_scope)
@@ -243,23 +255,59 @@ impl Backend {
                 .headers()
                 .get(http::header::WWW_AUTHENTICATE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(parse_challenge);
-            let Some(challenge) = challenge else {
-                return Answer::Failed(FetchError::Unauthorized);
-            };
+                .and_then(parse_challenge)
+                .ok_or(FetchError::Unauthorized)?;
             if let Challenge::Bearer { realm, service, .. } = &challenge {
-                let key = TokenKey { realm: realm.clone(), service: service.clone(), scope: scope.clone() };
+                let key = TokenKey { realm: realm.clone(), service: service.clone(), scope: scope.to_owned() };
                 self.tokens.invalidate(&key).await;
             }
             if let Ok(mut slot) = self.challenge.write() {
                 *slot = Some(challenge);
             }
-            authorization = match self.authorization(&scope).await {
-                Ok(Some(a)) => Some(a),
-                Ok(None) => return Answer::Failed(FetchError::Unauthorized),
-                Err(e) => return Answer::Failed(e),
-            };
+            authorization = Some(self.authorization(scope).await?.ok_or(FetchError::Unauthorized)?);
         }
+    }
+
+    /// Send a streamed body once (a blob upload), with the authorization already learnt for `scope`:
+    /// call [`Backend::request`] for the same scope first so the challenge and token are known.
+    pub async fn request_stream(
+        &self,
+        method: &Method,
+        target: &str,
+        scope: &str,
+        headers: &HeaderMap,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, FetchError> {
+        let url = self.url_for(target)?;
+        let authorization = self.authorization(scope).await?;
+        let mut req = self.client.request(method.clone(), &url).body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if let Some(a) = &authorization {
+            req = req.header(http::header::AUTHORIZATION, &*a.0);
+        }
+        // No header timeout here: the request only completes once the whole body is sent.
+        req.send().await.map_err(FetchError::Connect)
+    }
+
+    /// A path becomes a URL on this backend; an absolute URL must stay on this backend's origin, so a
+    /// `Location` pointing elsewhere never receives this backend's credentials.
+    fn url_for(&self, target: &str) -> Result<String, FetchError> {
+        if target.starts_with('/') {
+            return Ok(format!("{}{}", self.base, target));
+        }
+        let same_origin = target.strip_prefix(&self.base).is_some_and(|rest| rest.starts_with('/'));
+        if same_origin {
+            Ok(target.to_owned())
+        } else {
+            Err(FetchError::ForeignLocation)
+        }
+    }
+
+    /// The token scope for pulling from a repository of this backend.
+    pub fn pull_scope(repo: &RepoName) -> String {
+        format!("repository:{repo}:pull")
     }
 
     async fn send(
@@ -268,8 +316,12 @@ impl Backend {
         url: &str,
         headers: &HeaderMap,
         authorization: Option<&Secret>,
+        body: Option<bytes::Bytes>,
     ) -> Result<reqwest::Response, FetchError> {
         let mut req = self.client.request(method.clone(), url);
+        if let Some(b) = body {
+            req = req.body(b);
+        }
         for (k, v) in headers {
             req = req.header(k, v);
         }

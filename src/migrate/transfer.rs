@@ -1,0 +1,504 @@
+//! `regmux migrate`: bring images into a route's target by digest.
+//!
+//! - `warm` (a Harbor proxy-cache project, which refuses pushes): GET the manifest by digest through the
+//!   target, GET every blob in full (digest verified), then confirm the target serves the manifest by
+//!   digest, polling with backoff (Harbor stores a manifest only after its blobs).
+//! - `copy` (a registry that accepts pushes): blobs first (cross-repository mount when this run already
+//!   pushed the blob elsewhere, else a streamed upload that the target verifies), then manifests by
+//!   digest (children of an index first), then the tag — byte-identical digests.
+//!
+//! What the target already has is skipped, so a re-run after an interruption resumes. A tag that
+//! points elsewhere on the target is never overwritten: the old mirror's digest is what moves, and the
+//! report says the tag is stale.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use serde::Serialize;
+
+use super::{manifest_accept, parse_manifest, Parsed};
+use crate::backend::{Answer, Backend};
+use crate::registry::{Digest, RepoName, CONTENT_DIGEST_HEADER};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Warm,
+    Copy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Manifest,
+    Blob,
+}
+
+/// One thing to bring into the target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Item {
+    pub repository: RepoName,
+    pub tag: Option<String>,
+    pub digest: Digest,
+    pub kind: Kind,
+}
+
+impl Item {
+    pub fn label(&self) -> String {
+        match &self.tag {
+            Some(t) => format!("{}:{t}@{}", self.repository, self.digest),
+            None => format!("{}@{}", self.repository, self.digest),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub image: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub moved: Vec<Entry>,
+    pub already: Vec<Entry>,
+    pub failed: Vec<Entry>,
+    /// Images whose tag on the target points to another digest than the one moved.
+    pub stale_tags: Vec<Entry>,
+    #[serde(skip)]
+    pub digests: BTreeSet<String>,
+}
+
+/// The shared state of one run.
+pub struct Migration {
+    pub mode: Mode,
+    pub dest: Arc<Backend>,
+    pub sources: Vec<Arc<Backend>>,
+    pub dry_run: bool,
+    /// Bytes moved so far (for progress).
+    pub bytes: AtomicU64,
+    /// Blobs this run put into the target, and where (for cross-repository mounts).
+    pushed: Mutex<HashMap<Digest, RepoName>>,
+}
+
+/// How one item went.
+enum Done {
+    Moved { bytes: u64, digests: Vec<Digest>, stale: Option<String> },
+    Already { digests: Vec<Digest>, stale: Option<String> },
+}
+
+impl Migration {
+    pub fn new(mode: Mode, dest: Arc<Backend>, sources: Vec<Arc<Backend>>, dry_run: bool) -> Migration {
+        Migration { mode, dest, sources, dry_run, bytes: AtomicU64::new(0), pushed: Mutex::new(HashMap::new()) }
+    }
+
+    /// Bring every item over, `concurrency` at once; `tick` is called after each item.
+    pub async fn run(&self, items: Vec<Item>, concurrency: usize, tick: &(dyn Fn(&Item) + Sync)) -> Summary {
+        let results: Vec<(Item, Result<Done, String>)> = stream::iter(items.into_iter().map(|item| async move {
+            let r = self.one(&item).await;
+            tick(&item);
+            (item, r)
+        }))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+        let mut s = Summary::default();
+        for (item, r) in results {
+            let image = item.label();
+            match r {
+                Ok(Done::Moved { bytes, digests, stale }) => {
+                    s.digests.extend(digests.iter().map(|d| d.to_string()));
+                    if let Some(st) = stale {
+                        s.stale_tags.push(Entry { image: image.clone(), reason: Some(st), bytes: 0 });
+                    }
+                    s.moved.push(Entry { image, reason: None, bytes });
+                }
+                Ok(Done::Already { digests, stale }) => {
+                    s.digests.extend(digests.iter().map(|d| d.to_string()));
+                    if let Some(st) = stale {
+                        s.stale_tags.push(Entry { image: image.clone(), reason: Some(st), bytes: 0 });
+                    }
+                    s.already.push(Entry { image, reason: None, bytes: 0 });
+                }
+                Err(reason) => s.failed.push(Entry { image, reason: Some(reason), bytes: 0 }),
+            }
+        }
+        for list in [&mut s.moved, &mut s.already, &mut s.failed, &mut s.stale_tags] {
+            list.sort_by(|a, b| a.image.cmp(&b.image));
+        }
+        s
+    }
+
+    async fn one(&self, item: &Item) -> Result<Done, String> {
+        let mut digests = Vec::new();
+        let moved = match item.kind {
+            Kind::Blob => self.blob(&item.repository, &item.digest).await?,
+            Kind::Manifest => self.manifest(&item.repository, &item.digest, &mut digests).await?,
+        };
+        digests.push(item.digest.clone());
+        let stale = match &item.tag {
+            Some(tag) if item.kind == Kind::Manifest => self.tag(&item.repository, tag, &item.digest).await?,
+            _ => None,
+        };
+        Ok(match moved {
+            Some(bytes) => Done::Moved { bytes, digests, stale },
+            None => Done::Already { digests, stale },
+        })
+    }
+
+    /// Bring one manifest (and what it refers to) over. `Some(bytes moved)`, or `None` if the target
+    /// already had all of it.
+    async fn manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        digests: &mut Vec<Digest>,
+    ) -> Result<Option<u64>, String> {
+        if self.mode == Mode::Copy && self.dest_has_manifest(repo, digest).await? {
+            // A registry accepts a manifest only once everything it refers to is there.
+            return Ok(None);
+        }
+        let (bytes, content_type) = match self.mode {
+            Mode::Copy => self.source_manifest(repo, digest).await?,
+            Mode::Warm => self.dest_manifest(repo, digest).await?,
+        };
+        let mut moved = 0u64;
+        let mut any = self.mode == Mode::Copy;
+        match parse_manifest(&bytes)? {
+            Parsed::Index(children) => {
+                for (child, _) in children {
+                    let m = Box::pin(self.manifest(repo, &child, digests)).await?;
+                    digests.push(child);
+                    if let Some(b) = m {
+                        moved += b;
+                        any = true;
+                    }
+                }
+            }
+            Parsed::Image(blobs) => {
+                for (d, _) in blobs {
+                    if let Some(b) = self.blob(repo, &d).await? {
+                        moved += b;
+                        any = true;
+                    }
+                    digests.push(d);
+                }
+            }
+        }
+        if self.dry_run {
+            return Ok(any.then_some(moved));
+        }
+        match self.mode {
+            Mode::Copy => self.put_manifest(repo, digest.as_str(), &bytes, &content_type).await?,
+            Mode::Warm => self.confirm(repo, digest).await?,
+        }
+        Ok(any.then_some(moved))
+    }
+
+    /// Bring one blob over; `None` if the target had it.
+    async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, String> {
+        let mapped = self.dest.map_name(repo).map_err(|e| e.to_string())?;
+        let path = format!("/v2/{mapped}/blobs/{digest}");
+        if let Answer::Found(r) = self.dest.fetch(&Method::HEAD, &path, Some(&mapped), &HeaderMap::new()).await {
+            if r.status() == StatusCode::OK {
+                return Ok(None);
+            }
+        }
+        if self.dry_run {
+            return Ok(Some(0));
+        }
+        let bytes = match self.mode {
+            Mode::Warm => self.warm_blob(&mapped, &path, digest).await?,
+            Mode::Copy => self.copy_blob(repo, &mapped, digest).await?,
+        };
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(Some(bytes))
+    }
+
+    /// GET a blob in full through the target (which then stores it), verifying its digest.
+    async fn warm_blob(&self, mapped: &RepoName, path: &str, digest: &Digest) -> Result<u64, String> {
+        let resp = match self.dest.fetch(&Method::GET, path, Some(mapped), &HeaderMap::new()).await {
+            Answer::Found(r) if r.status() == StatusCode::OK => r,
+            Answer::Found(r) => return Err(format!("target answered {} for blob {digest}", r.status())),
+            Answer::Missing(s) => return Err(format!("target cannot fetch blob {digest}: {s}")),
+            Answer::Failed(e) => return Err(format!("target, blob {digest}: {e}")),
+        };
+        let mut hasher = Hasher::new();
+        let mut n = 0u64;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| format!("blob {digest}: {e}"))?;
+            n += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        if hasher.hex() != digest.hex() {
+            return Err(format!("blob {digest}: the target's bytes do not match the digest"));
+        }
+        Ok(n)
+    }
+
+    /// Put a blob into the target: mount it from a repository this run already pushed it to, or
+    /// stream it from the first source that has it (the target checks the digest on the PUT).
+    async fn copy_blob(&self, repo: &RepoName, mapped: &RepoName, digest: &Digest) -> Result<u64, String> {
+        let scope = format!("repository:{mapped}:pull,push");
+        let from = self.pushed.lock().ok().and_then(|m| m.get(digest).cloned());
+        let mut post = format!("/v2/{mapped}/blobs/uploads/");
+        if let Some(f) = &from {
+            post.push_str(&format!("?mount={digest}&from={f}"));
+        }
+        let resp = self
+            .dest
+            .request(&Method::POST, &post, &scope, &HeaderMap::new(), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status() == StatusCode::CREATED && from.is_some() {
+            return Ok(0);
+        }
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(format!("target refused an upload to {mapped}: {}", resp.status()));
+        }
+        let location = resp
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or("upload without Location")?
+            .to_owned();
+        let (src, size) = self.source_blob(repo, digest).await?;
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = format!("{location}{sep}digest={digest}");
+        let mut h = HeaderMap::new();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        if let Some(n) = size {
+            h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        let resp = self.dest.request_stream(&Method::PUT, &put, &scope, &h, src).await.map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(format!("target refused blob {digest}: {}", resp.status()));
+        }
+        if let Ok(mut m) = self.pushed.lock() {
+            m.insert(digest.clone(), mapped.clone());
+        }
+        Ok(size.unwrap_or(0))
+    }
+
+    /// The first source that has the blob, as a body to stream on, with its length.
+    async fn source_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(reqwest::Body, Option<u64>), String> {
+        let mut tried = Vec::new();
+        for s in &self.sources {
+            let mapped = s.map_name(repo).map_err(|e| e.to_string())?;
+            match s.fetch(&Method::GET, &format!("/v2/{mapped}/blobs/{digest}"), Some(&mapped), &HeaderMap::new()).await
+            {
+                Answer::Found(r) if r.status() == StatusCode::OK => {
+                    let len = r.content_length();
+                    return Ok((reqwest::Body::wrap_stream(r.bytes_stream()), len));
+                }
+                Answer::Found(r) => tried.push(format!("{}: {}", s.name, r.status())),
+                Answer::Missing(st) => tried.push(format!("{}: {st}", s.name)),
+                Answer::Failed(e) => tried.push(format!("{}: {e}", s.name)),
+            }
+        }
+        Err(format!("blob {digest} is on no source ({})", tried.join("; ")))
+    }
+
+    async fn source_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<(Bytes, HeaderValue), String> {
+        let mut tried = Vec::new();
+        for s in &self.sources {
+            match get_manifest(s, repo, digest).await {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => tried.push(format!("{}: missing", s.name)),
+                Err(e) => tried.push(format!("{}: {e}", s.name)),
+            }
+        }
+        Err(format!("manifest {digest} is on no source ({})", tried.join("; ")))
+    }
+
+    async fn dest_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<(Bytes, HeaderValue), String> {
+        get_manifest(&self.dest, repo, digest)
+            .await?
+            .ok_or_else(|| format!("the target cannot fetch manifest {digest}"))
+    }
+
+    async fn dest_has_manifest(&self, repo: &RepoName, reference: &Digest) -> Result<bool, String> {
+        Ok(self.dest_tag_digest(repo, reference.as_str()).await?.is_some())
+    }
+
+    /// The digest the target serves for a tag or digest, if any (a HEAD).
+    async fn dest_tag_digest(&self, repo: &RepoName, reference: &str) -> Result<Option<String>, String> {
+        let mapped = self.dest.map_name(repo).map_err(|e| e.to_string())?;
+        let path = format!("/v2/{mapped}/manifests/{reference}");
+        match self.dest.fetch(&Method::HEAD, &path, Some(&mapped), &manifest_accept()).await {
+            Answer::Found(r) if r.status() == StatusCode::OK => Ok(Some(
+                r.headers().get(CONTENT_DIGEST_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(reference).to_owned(),
+            )),
+            Answer::Found(_) | Answer::Missing(_) => Ok(None),
+            Answer::Failed(e) => Err(format!("target: {e}")),
+        }
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        bytes: &Bytes,
+        content_type: &HeaderValue,
+    ) -> Result<(), String> {
+        let mapped = self.dest.map_name(repo).map_err(|e| e.to_string())?;
+        let scope = format!("repository:{mapped}:pull,push");
+        let mut h = HeaderMap::new();
+        h.insert(http::header::CONTENT_TYPE, content_type.clone());
+        let path = format!("/v2/{mapped}/manifests/{reference}");
+        let resp =
+            self.dest.request(&Method::PUT, &path, &scope, &h, Some(bytes.clone())).await.map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::CREATED {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(format!("target refused manifest {reference}: {}", body.trim()));
+        }
+        Ok(())
+    }
+
+    /// Set the tag on the target if it has none; report it if it points elsewhere.
+    async fn tag(&self, repo: &RepoName, tag: &str, digest: &Digest) -> Result<Option<String>, String> {
+        match self.dest_tag_digest(repo, tag).await? {
+            Some(d) if d == digest.as_str() => Ok(None),
+            Some(d) => Ok(Some(format!("the target's {repo}:{tag} points to {d}; {digest} was moved by digest"))),
+            None if self.mode == Mode::Copy && !self.dry_run => {
+                let (bytes, ct) = self.source_manifest(repo, digest).await?;
+                self.put_manifest(repo, tag, &bytes, &ct).await?;
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Warm mode: the target must now serve the manifest by digest. Harbor stores a proxied manifest
+    /// only after its blobs, so poll with backoff, bounded.
+    async fn confirm(&self, repo: &RepoName, digest: &Digest) -> Result<(), String> {
+        let mut wait = Duration::from_millis(250);
+        for _ in 0..8 {
+            if self.dest_has_manifest(repo, digest).await? {
+                return Ok(());
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(8));
+        }
+        Err(format!("the target does not serve {digest} after warming"))
+    }
+}
+
+/// GET a manifest by digest from one backend, verified.
+async fn get_manifest(b: &Backend, repo: &RepoName, digest: &Digest) -> Result<Option<(Bytes, HeaderValue)>, String> {
+    let mapped = b.map_name(repo).map_err(|e| e.to_string())?;
+    let path = format!("/v2/{mapped}/manifests/{digest}");
+    match b.fetch(&Method::GET, &path, Some(&mapped), &manifest_accept()).await {
+        Answer::Found(r) if r.status() == StatusCode::OK => {
+            let ct = r
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .cloned()
+                .unwrap_or(HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"));
+            let bytes = r.bytes().await.map_err(|e| e.to_string())?;
+            if !digest.matches(&bytes) {
+                return Err(format!("{}: manifest bytes do not match {digest}", b.name));
+            }
+            Ok(Some((bytes, ct)))
+        }
+        Answer::Found(_) | Answer::Missing(_) => Ok(None),
+        Answer::Failed(e) => Err(e.to_string()),
+    }
+}
+
+struct Hasher(sha2::Sha256);
+
+impl Hasher {
+    fn new() -> Hasher {
+        use sha2::Digest as _;
+        Hasher(sha2::Sha256::new())
+    }
+    fn update(&mut self, b: &[u8]) {
+        use sha2::Digest as _;
+        self.0.update(b);
+    }
+    fn hex(self) -> String {
+        use sha2::Digest as _;
+        hex::encode(self.0.finalize())
+    }
+}
+
+/// Items from an inventory: its JSON output, or text lines `repo:tag@digest` / `repo@digest`.
+pub fn items_from_inventory(text: &str) -> Result<Vec<Item>, String> {
+    if text.trim_start().starts_with('[') {
+        let records: Vec<super::ImageRecord> =
+            serde_json::from_str(text).map_err(|e| format!("inventory JSON: {e}"))?;
+        return records
+            .into_iter()
+            .map(|r| {
+                Ok(Item {
+                    repository: r.repository.parse().map_err(|e| format!("{}: {e}", r.repository))?,
+                    tag: Some(r.tag),
+                    digest: r.digest.parse().map_err(|e| format!("{e}"))?,
+                    kind: Kind::Manifest,
+                })
+            })
+            .collect();
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("line {}: expected repo:tag@digest or repo@digest, got {line:?}", i + 1);
+        let (name, digest) = line.split_once('@').ok_or_else(bad)?;
+        let (repo, tag) = match name.rsplit_once(':') {
+            Some((r, t)) => (r, Some(t.to_owned())),
+            None => (name, None),
+        };
+        out.push(Item {
+            repository: repo.parse().map_err(|_| bad())?,
+            tag,
+            digest: digest.parse().map_err(|_| bad())?,
+            kind: Kind::Manifest,
+        });
+    }
+    Ok(out)
+}
+
+/// Items from the ledger: the open misses of a route that have a digest.
+pub fn items_from_ledger(store: &crate::ledger::store::Store, route: &str) -> rusqlite::Result<Vec<Item>> {
+    let mut st = store.conn().prepare(
+        "SELECT DISTINCT repository, reference, kind, digest FROM misses
+         WHERE route = ?1 AND resolved_at IS NULL AND digest IS NOT NULL",
+    )?;
+    let rows = st.query_map([route], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+    })?;
+    let mut set = BTreeSet::new();
+    for row in rows {
+        let (repo, reference, kind, digest) = row?;
+        let (Ok(repository), Ok(digest)) = (repo.parse(), digest.parse()) else { continue };
+        let kind = if kind == "blob" { Kind::Blob } else { Kind::Manifest };
+        let tag = (kind == Kind::Manifest && !reference.contains(':')).then_some(reference);
+        set.insert(Item { repository, tag, digest, kind });
+    }
+    Ok(set.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_text_lines() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let items = items_from_inventory(&format!("library/alpine:3.19@{d}\n# comment\nx/y@{d}\n")).unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].tag.as_deref(), Some("3.19"));
+        assert_eq!(items[1].tag, None);
+        assert!(items_from_inventory("nonsense").is_err());
+    }
+}
