@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use super::{manifest_accept, parse_manifest, Parsed};
 use crate::backend::{Answer, Backend};
+use crate::config::BackendKind;
 use crate::registry::{Digest, RepoName, CONTENT_DIGEST_HEADER};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,9 +205,15 @@ impl Migration {
     async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, String> {
         let mapped = self.dest.map_name(repo).map_err(|e| e.to_string())?;
         let path = format!("/v2/{mapped}/blobs/{digest}");
-        if let Answer::Found(r) = self.dest.fetch(&Method::HEAD, &path, Some(&mapped), &HeaderMap::new()).await {
-            if r.status() == StatusCode::OK {
-                return Ok(None);
+        // A HEAD tells whether the target has the blob, except on a distribution proxy, where a HEAD
+        // itself fetches the blob upstream (and answers 200): a warm target that is not Harbor (whose
+        // HEAD answers 404 until a GET fetched the blob) is read in full every time.
+        let head_is_honest = self.mode == Mode::Copy || self.dest.kind == BackendKind::Harbor;
+        if head_is_honest {
+            if let Answer::Found(r) = self.dest.fetch(&Method::HEAD, &path, Some(&mapped), &HeaderMap::new()).await {
+                if r.status() == StatusCode::OK {
+                    return Ok(None);
+                }
             }
         }
         if self.dry_run {

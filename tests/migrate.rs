@@ -1,0 +1,343 @@
+//! `regmux inventory` and `regmux migrate` against real registries: an old mirror holding complete,
+//! partial and manifest-only images, a multi-platform index and a tag that moved upstream; a copy target
+//! (a plain registry that accepts pushes) and a warm target (a registry in proxy mode whose upstream is
+//! the old mirror, as a Harbor proxy-cache project pointed at it would be).
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_regmux");
+
+fn regmux(args: &[&str]) -> Output {
+    run(Command::new(BIN).args(args), Duration::from_secs(120))
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: stdout {}\nstderr {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// The old mirror: alpine (complete, schema2), keycloak (partial: first layer gone), multi (an OCI index,
+/// complete), mysql:8 (complete; the tag moved upstream since), bare (manifest only: every blob gone).
+fn old_mirror(lab: &Lab) -> Registry {
+    let old = Registry::start(lab.dir("old"), RegistryOpts::plain());
+    push("small", &format!("{}/library/alpine:3.19", old.addr()), Format::V2s2);
+    push("other", &format!("{}/keycloak/keycloak:24.0", old.addr()), Format::Oci);
+    delete_blob(&old.url(), "keycloak/keycloak", &layer_digests("other")[0]);
+    push("multi", &format!("{}/multi/app:1", old.addr()), Format::All);
+    push("small", &format!("{}/library/mysql:8", old.addr()), Format::Oci);
+    push("multi-arm64", &format!("{}/bare/img:1", old.addr()), Format::Oci);
+    for d in blob_digests("multi-arm64") {
+        delete_blob(&old.url(), "bare/img", &d);
+    }
+    old
+}
+
+fn config(lab: &Lab, target: &str, old: &Registry) -> std::path::PathBuf {
+    lab.write(
+        "regmux.toml",
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[ledger]
+path = "{ledger}"
+[backends.target]
+url = "{target}"
+[backends.old]
+url = "{old}"
+[[routes]]
+name = "hub"
+registries = ["docker.io"]
+backends = ["target", "old"]
+default = true
+"#,
+            ledger = lab.path().join("ledger.db").display(),
+            old = old.url()
+        ),
+    )
+}
+
+fn inventory(cfg: &std::path::Path, extra: &[&str]) -> Value {
+    let mut args = vec!["inventory", "--config", cfg.to_str().expect("utf-8"), "--backend", "old", "--format", "json"];
+    args.extend_from_slice(extra);
+    let out = regmux(&args);
+    assert!(out.status.success(), "inventory: {}", String::from_utf8_lossy(&out.stderr));
+    json_of(&out)
+}
+
+fn find<'a>(inv: &'a Value, repo: &str) -> &'a Value {
+    inv.as_array()
+        .expect("array")
+        .iter()
+        .find(|i| i["repository"] == repo)
+        .unwrap_or_else(|| panic!("{repo} in {inv:#}"))
+}
+
+fn manifest_digest_on(reg: &Registry, repo: &str, reference: &str) -> Option<String> {
+    let accept: Vec<(&str, &str)> = [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+    .iter()
+    .map(|t| ("Accept", *t))
+    .collect();
+    let r = http("GET", &format!("{}/v2/{repo}/manifests/{reference}", reg.url()), &accept);
+    (r.status == 200).then(|| r.body_digest())
+}
+
+fn blob_is_whole_on(reg: &Registry, repo: &str, digest: &str) -> bool {
+    let r = http("GET", &format!("{}/v2/{repo}/blobs/{digest}", reg.url()), &[]);
+    r.status == 200 && r.complete && r.body_digest() == digest
+}
+
+#[test]
+fn inventory_by_api_equals_inventory_by_storage() {
+    let lab = Lab::new();
+    let old = old_mirror(&lab);
+    let cfg = config(&lab, "http://127.0.0.1:1", &old);
+    let by_api = inventory(&cfg, &[]);
+    let storage = old.storage_dir();
+    let by_storage = inventory(&cfg, &["--storage", storage.to_str().expect("utf-8")]);
+    assert_eq!(by_api, by_storage, "the API and the storage folder give the same inventory");
+
+    assert_eq!(find(&by_api, "library/alpine")["status"], "complete");
+    assert_eq!(find(&by_api, "library/alpine")["digest"], manifest_digest("small", Format::V2s2));
+    let kc = find(&by_api, "keycloak/keycloak");
+    assert_eq!(kc["status"], "partial");
+    assert_eq!(kc["missing"], serde_json::json!([layer_digests("other")[0]]));
+    let multi = find(&by_api, "multi/app");
+    assert_eq!(multi["status"], "complete");
+    assert_eq!(multi["digest"], manifest_digest("multi", Format::All));
+    assert_eq!(multi["platforms"].as_array().map(Vec::len), Some(2));
+    assert_eq!(find(&by_api, "bare/img")["status"], "manifest-only");
+
+    // Text: one repo:tag@digest per line, pasteable; --repo filters.
+    let out =
+        regmux(&["inventory", "--config", cfg.to_str().expect("utf-8"), "--backend", "old", "--repo", "library/*"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("library/alpine:3.19@{}", manifest_digest("small", Format::V2s2)),
+            format!("library/mysql:8@{}", manifest_digest("small", Format::Oci)),
+        ]
+    );
+}
+
+#[test]
+fn migrate_copy_moves_complete_images_by_digest_and_reports_the_rest() {
+    let lab = Lab::new();
+    let old = old_mirror(&lab);
+    let target = Registry::start(lab.dir("target"), RegistryOpts::plain());
+    // Upstream moved mysql:8 since the old mirror cached it; the target already follows the new tag.
+    push("other", &format!("{}/library/mysql:8", target.addr()), Format::Oci);
+    let cfg = config(&lab, &target.url(), &old);
+    let inv = lab.write("inventory.json", serde_json::to_vec(&inventory(&cfg, &[])).expect("json"));
+
+    let c = cfg.to_str().expect("utf-8");
+    let i = inv.to_str().expect("utf-8");
+    let dry = regmux(&["migrate", "--config", c, "--route", "hub", "--from", i, "--mode", "copy", "--dry-run"]);
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would move"), "{}", String::from_utf8_lossy(&dry.stdout));
+    assert_eq!(manifest_digest_on(&target, "library/alpine", "3.19"), None, "a dry run moves nothing");
+
+    let out = regmux(&["migrate", "--config", c, "--route", "hub", "--from", i, "--mode", "copy", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "failures make a non-zero exit: {}", String::from_utf8_lossy(&out.stderr));
+    let s = json_of(&out);
+    let images = |k: &str| -> Vec<String> {
+        s[k].as_array().expect(k).iter().map(|e| e["image"].as_str().expect("image").to_owned()).collect()
+    };
+    let moved = images("moved");
+    for want in ["library/alpine:3.19@", "multi/app:1@", "library/mysql:8@"] {
+        assert!(moved.iter().any(|m| m.starts_with(want)), "{want} moved: {s:#}");
+    }
+    let failed = &s["failed"];
+    let kc =
+        failed.as_array().expect("failed").iter().find(|f| f["image"].as_str().unwrap_or("").starts_with("keycloak"));
+    let reason = kc.expect("keycloak failed")["reason"].as_str().expect("reason");
+    assert!(reason.contains(&layer_digests("other")[0]), "the partial image's missing blob is named: {reason}");
+    assert!(images("failed").iter().any(|f| f.starts_with("bare/img")), "{s:#}");
+    let stale = s["stale_tags"].to_string();
+    assert!(stale.contains("library/mysql:8") && stale.contains(&manifest_digest("other", Format::Oci)), "{stale}");
+
+    // Byte-identical digests on the target; tags set where free, never moved.
+    assert_eq!(manifest_digest_on(&target, "library/alpine", "3.19"), Some(manifest_digest("small", Format::V2s2)));
+    assert_eq!(manifest_digest_on(&target, "multi/app", "1"), Some(manifest_digest("multi", Format::All)));
+    for child in ["multi-amd64", "multi-arm64"] {
+        let d = manifest_digest(child, Format::Oci);
+        assert_eq!(manifest_digest_on(&target, "multi/app", &d), Some(d.clone()));
+    }
+    let old_mysql = manifest_digest("small", Format::Oci);
+    assert_eq!(manifest_digest_on(&target, "library/mysql", &old_mysql), Some(old_mysql.clone()), "moved by digest");
+    assert_eq!(
+        manifest_digest_on(&target, "library/mysql", "8"),
+        Some(manifest_digest("other", Format::Oci)),
+        "tag untouched"
+    );
+    for d in blob_digests("small") {
+        assert!(blob_is_whole_on(&target, "library/alpine", &d), "{d}");
+    }
+
+    // A second run finds everything there.
+    let again = json_of(&regmux(&[
+        "migrate", "--config", c, "--route", "hub", "--from", i, "--mode", "copy", "--format", "json",
+    ]));
+    assert_eq!(again["moved"].as_array().map(Vec::len), Some(0), "{again:#}");
+    assert_eq!(again["already"].as_array().map(Vec::len), Some(3), "{again:#}");
+}
+
+#[test]
+fn migrate_warm_fills_a_proxy_cache_target() {
+    let lab = Lab::new();
+    let old = old_mirror(&lab);
+    let warm = Registry::start(lab.dir("warm"), RegistryOpts::plain().proxy(&old.url()));
+    let cfg = config(&lab, &warm.url(), &old);
+    let inv = lab.write("inventory.txt", {
+        let out = regmux(&["inventory", "--config", cfg.to_str().expect("utf-8"), "--backend", "old"]);
+        out.stdout
+    });
+    let out = regmux(&[
+        "migrate",
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--route",
+        "hub",
+        "--from",
+        inv.to_str().expect("utf-8"),
+        "--mode",
+        "warm",
+        "--format",
+        "json",
+    ]);
+    let s = json_of(&out);
+    let moved = s["moved"].to_string();
+    for want in ["library/alpine:3.19@", "multi/app:1@", "library/mysql:8@"] {
+        assert!(moved.contains(want), "{want} warmed: {s:#}");
+    }
+    assert!(s["failed"].to_string().contains("keycloak/keycloak"), "the partial image cannot be warmed: {s:#}");
+
+    // The target holds the images now: with the old mirror gone it still serves every byte.
+    drop(old);
+    assert_eq!(
+        manifest_digest_on(&warm, "library/alpine", &manifest_digest("small", Format::V2s2)),
+        Some(manifest_digest("small", Format::V2s2))
+    );
+    for d in blob_digests("small") {
+        assert!(blob_is_whole_on(&warm, "library/alpine", &d), "{d} cached in the warm target");
+    }
+    for d in blob_digests("multi") {
+        assert!(blob_is_whole_on(&warm, "multi/app", &d), "{d} cached in the warm target");
+    }
+}
+
+#[test]
+fn migrate_resumes_after_kill_9_without_sending_twice() {
+    let lab = Lab::new();
+    let old = Registry::start(lab.dir("old"), RegistryOpts::plain());
+    let images = ["small", "other", "multi-amd64", "multi-arm64"];
+    let mut lines = String::new();
+    for (n, img) in images.iter().cycle().take(8).enumerate() {
+        push(img, &format!("{}/r{n}/img:1", old.addr()), Format::Oci);
+        lines.push_str(&format!("r{n}/img:1@{}\n", manifest_digest(img, Format::Oci)));
+    }
+    let target = Registry::start(lab.dir("target"), RegistryOpts::plain());
+    let cfg = config(&lab, &target.url(), &old);
+    let inv = lab.write("inventory.txt", &lines);
+    let args = [
+        "migrate",
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--route",
+        "hub",
+        "--from",
+        inv.to_str().expect("utf-8"),
+        "--concurrency",
+        "1",
+        "--format",
+        "json",
+    ];
+
+    let mut first =
+        ChildGuard::spawn("migrate", Command::new(BIN).args(args).stdout(std::process::Stdio::null()), None);
+    wait_for("the first image on the target", Duration::from_secs(60), || {
+        target
+            .requests()
+            .iter()
+            .any(|r| r.method == "PUT" && r.path.contains("/manifests/") && r.status == 201)
+            .then_some(())
+    });
+    run(Command::new("kill").args(["-9", &first.pid().to_string()]), Duration::from_secs(5));
+    first.wait_exit(Duration::from_secs(10));
+    let uploads_before: Vec<String> = blob_uploads(&target);
+
+    let out = regmux(&args);
+    assert!(out.status.success(), "the re-run finishes: {}", String::from_utf8_lossy(&out.stderr));
+    let s = json_of(&out);
+    let (moved, already) = (s["moved"].as_array().map_or(0, Vec::len), s["already"].as_array().map_or(0, Vec::len));
+    assert_eq!(moved + already, 8, "{s:#}");
+    assert!(already >= 1, "what the killed run finished is skipped: {s:#}");
+    assert!(moved >= 1, "the kill came before the end, so the re-run had work left: {s:#}");
+    for (n, img) in images.iter().cycle().take(8).enumerate() {
+        assert_eq!(manifest_digest_on(&target, &format!("r{n}/img"), "1"), Some(manifest_digest(img, Format::Oci)));
+    }
+    // No blob was uploaded twice into one repository.
+    let uploads = blob_uploads(&target);
+    let mut seen = std::collections::HashSet::new();
+    for u in &uploads {
+        assert!(seen.insert(u), "{u} uploaded twice (before the kill: {uploads_before:?})");
+    }
+}
+
+/// `repo digest` of every completed blob upload (a PUT with `digest=` that got 201).
+fn blob_uploads(reg: &Registry) -> Vec<String> {
+    reg.requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.status == 201 && r.path.contains("/blobs/uploads/"))
+        .filter_map(|r| {
+            let repo = r.path.strip_prefix("/v2/")?.split("/blobs/").next()?.to_owned();
+            let digest = r.path.split("digest=").nth(1)?.split('&').next()?.replace("%3A", ":");
+            Some(format!("{repo} {digest}"))
+        })
+        .collect()
+}
+
+#[test]
+fn migrate_from_the_ledger_resolves_the_misses() {
+    let lab = Lab::new();
+    let old = old_mirror(&lab);
+    let target = Registry::start(lab.dir("target"), RegistryOpts::plain());
+    let cfg = config(&lab, &target.url(), &old);
+    let config_text = std::fs::read_to_string(&cfg).expect("config");
+    let rx = Regmux::start(BIN, lab.dir("regmux"), &config_text);
+    // A pull through regmux: the target lacks everything, the old mirror serves it.
+    let conf = write_registries_conf(lab.path(), "docker.io", &format!("{}/docker.io", rx.addr()));
+    let out = skopeo_copy_via_mirror(&conf, "docker.io/library/alpine:3.19", &lab.path().join("pulled"));
+    assert!(out.status.success(), "pull: {}", String::from_utf8_lossy(&out.stderr));
+    let c = rx.config_path().to_str().expect("utf-8").to_owned();
+    let open = |c: &str| -> u64 {
+        let out = regmux(&["misses", "--config", c, "--format", "json"]);
+        json_of(&out)[0]["open_misses"].as_u64().expect("open_misses")
+    };
+    wait_for("the fallbacks in the ledger", Duration::from_secs(5), || (open(&c) >= 3).then_some(()));
+
+    let out = regmux(&["migrate", "--config", &c, "--route", "hub", "--from-ledger", "--mode", "copy"]);
+    assert!(
+        out.status.success(),
+        "migrate: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(manifest_digest_on(&target, "library/alpine", "3.19"), Some(manifest_digest("small", Format::V2s2)));
+    assert_eq!(open(&c), 0, "migrate marked the misses it brought over as resolved");
+}
