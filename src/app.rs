@@ -99,6 +99,7 @@ pub struct App {
     pub bad: moka::sync::Cache<(Arc<str>, Digest), ()>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    pub warmer: Arc<crate::warm::Warmer>,
 }
 
 /// How long "backend X served digest D" sends requests for D straight to X. Short on purpose: once
@@ -115,6 +116,7 @@ impl App {
             snapshot: RwLock::new(Arc::new(Snapshot::new(config, &metrics)?)),
             metrics,
             recorder,
+            warmer: Arc::default(),
             locations: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(LOCATION_TTL).build(),
             manifests: moka::sync::Cache::builder()
                 .max_capacity(MANIFEST_CACHE_BYTES)

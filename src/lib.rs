@@ -21,6 +21,7 @@
 //! - [`clientauth`] checks client credentials against an htpasswd file when one is configured.
 //! - [`respond`] is the only place that builds error responses and filters backend headers.
 //! - [`migrate`] drives the migration: `inventory` of a registry, `migrate` into the target.
+//! - [`warm`] warms a route's target in the background from real traffic (`warm = true`).
 //! - [`admin`] serves `/metrics`, `/healthz`, `/readyz` and the [`ui`] page on a separate port.
 //! - [`registry`] is the wire protocol without I/O; [`config`] the TOML schema and its validation;
 //!   [`app`] the shared state that a reload swaps.
@@ -44,3 +45,4 @@ pub mod respond;
 pub mod route;
 pub mod server;
 pub mod ui;
+pub mod warm;

@@ -250,6 +250,7 @@ fn serve(mut config: Config, listen: Option<String>, path: Option<PathBuf>) -> a
         tracing::info!(addr = %admin.local_addr()?, "admin listening: /metrics /healthz /readyz /ui");
         tokio::spawn(regmux::admin::run(admin, app.clone()));
         tokio::spawn(app.clone().health_loop());
+        tokio::spawn(app.warmer.clone().run(app.recorder.clone()));
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;

@@ -73,6 +73,10 @@ async fn dispatch<B>(app: &App, req: &Request<B>, ctx: &mut Ctx) -> Result<Respo
     ctx.route = route.name.clone();
     ctx.target = route.target.clone();
     ctx.via = routed.via.as_str();
+    ctx.warm = route.warm;
+    if route.warm {
+        ctx.target_backend = snap.backends.get(&route.target).cloned();
+    }
     if let Some(n) = &routed.name {
         ctx.repo = n.to_string();
     }

@@ -22,6 +22,9 @@ pub struct Ctx {
     pub via: &'static str,
     /// The route's migration target.
     pub target: String,
+    /// The target backend, and whether the route warms it in the background.
+    pub target_backend: Option<Arc<Backend>>,
+    pub warm: bool,
     pub repo: String,
     pub kind: &'static str,
     pub reference: String,
@@ -42,6 +45,8 @@ impl Ctx {
             route: String::new(),
             via: "",
             target: String::new(),
+            target_backend: None,
+            warm: false,
             repo: String::new(),
             kind: "",
             reference: String::new(),
@@ -97,7 +102,7 @@ impl Ctx {
     /// Attach the record stage to the response: it runs when the body is done.
     pub fn finish(self, app: &App, resp: Response<ProxyBody>) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
-        let (metrics, recorder) = (app.metrics.clone(), app.recorder.clone());
+        let (metrics, recorder, warmer) = (app.metrics.clone(), app.recorder.clone(), app.warmer.clone());
         metrics.in_flight.inc();
         let (parts, body) = resp.into_parts();
         let body = body.on_finish(Box::new(move |bytes, complete| {
@@ -151,6 +156,13 @@ impl Ctx {
                     })
                     .inc();
             }
+            if ctx.warm && miss == Some(Outcome::Fallback) {
+                if let (Some(target), Some(digest), Ok(repo)) =
+                    (ctx.target_backend.clone(), ctx.digest.as_ref().and_then(|d| d.parse().ok()), ctx.repo.parse())
+                {
+                    warmer.submit(crate::warm::Job { target, route: ctx.route.clone(), repo, digest, kind: ctx.kind });
+                }
+            }
             recorder.record(Event {
                 at: now_unix(),
                 route: ctx.route,
@@ -161,6 +173,7 @@ impl Ctx {
                 served_by: (!ctx.served_by.is_empty()).then_some(ctx.served_by),
                 bytes,
                 miss,
+                warmed: false,
             });
         }));
         Response::from_parts(parts, body)

@@ -341,3 +341,65 @@ fn migrate_from_the_ledger_resolves_the_misses() {
     assert_eq!(manifest_digest_on(&target, "library/alpine", "3.19"), Some(manifest_digest("small", Format::V2s2)));
     assert_eq!(open(&c), 0, "migrate marked the misses it brought over as resolved");
 }
+
+/// The shadow phase: the old mirror first, `warm = true`; pulls through regmux fill the target (a
+/// proxy-cache registry of the old mirror) in the background, and the ledger's misses resolve.
+#[test]
+fn background_warming_fills_the_target_from_pulls() {
+    let lab = Lab::new();
+    let old = old_mirror(&lab);
+    let target = Registry::start(lab.dir("target"), RegistryOpts::plain().proxy(&old.url()));
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[ledger]
+path = "{ledger}"
+[backends.target]
+url = "{target}"
+[backends.old]
+url = "{old}"
+[[routes]]
+name = "hub"
+registries = ["docker.io"]
+backends = ["old", "target"]
+target = "target"
+default = true
+warm = true
+"#,
+        ledger = lab.path().join("ledger.db").display(),
+        target = target.url(),
+        old = old.url()
+    );
+    let rx = Regmux::start(BIN, lab.dir("regmux"), &config);
+    let conf = write_registries_conf(lab.path(), "docker.io", &format!("{}/docker.io", rx.addr()));
+    let out = skopeo_copy_via_mirror(&conf, "docker.io/library/alpine:3.19", &lab.path().join("pulled"));
+    assert!(out.status.success(), "pull: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Every object of the image is warmed once through the target, in the background.
+    let wanted: Vec<String> =
+        blob_digests("small").into_iter().chain([manifest_digest("small", Format::V2s2)]).collect();
+    wait_for("the target to have fetched every object", Duration::from_secs(20), || {
+        let reqs = target.requests();
+        wanted
+            .iter()
+            .all(|d| reqs.iter().any(|r| r.method == "GET" && r.path.ends_with(d.as_str()) && r.status == 200))
+            .then_some(())
+    });
+    let c = rx.config_path().to_str().expect("utf-8").to_owned();
+    wait_for("the misses to be resolved by warming", Duration::from_secs(10), || {
+        let report = json_of(&regmux(&["misses", "--config", &c, "--format", "json"]));
+        (report[0]["open_misses"] == 0 && report[0]["requests"].as_u64() >= Some(4)).then_some(())
+    });
+    let warms = rx.logs().lines().filter(|l| l.contains("warmed")).count();
+    assert_eq!(warms, wanted.len(), "each object warmed exactly once:\n{}", rx.logs());
+
+    // The target can now serve the image on its own.
+    drop(rx);
+    drop(old);
+    for d in blob_digests("small") {
+        assert!(blob_is_whole_on(&target, "library/alpine", &d), "{d} in the target");
+    }
+}

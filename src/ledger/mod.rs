@@ -57,6 +57,9 @@ pub struct Event {
     pub bytes: u64,
     /// `None` when the target served it (which resolves an open miss for the same object).
     pub miss: Option<Outcome>,
+    /// Background warming brought the object (`digest`) into the target: resolves its misses, counts
+    /// no traffic.
+    pub warmed: bool,
 }
 
 pub fn now_unix() -> u64 {

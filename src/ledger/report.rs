@@ -235,6 +235,7 @@ mod tests {
             served_by: served_by.map(Into::into),
             bytes,
             miss,
+            warmed: false,
         }
     }
 

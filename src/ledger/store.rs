@@ -86,7 +86,15 @@ impl Store {
                 "UPDATE misses SET resolved_at = ?5, resolved_by = 'target'
                  WHERE route = ?1 AND repository = ?2 AND reference = ?3 AND kind = ?4 AND resolved_at IS NULL",
             )?;
+            let mut warmed = tx.prepare_cached(
+                "UPDATE misses SET resolved_at = ?3, resolved_by = 'warm'
+                 WHERE route = ?1 AND digest = ?2 AND resolved_at IS NULL",
+            )?;
             for e in events {
+                if e.warmed {
+                    warmed.execute(params![e.route, e.digest, e.at as i64])?;
+                    continue;
+                }
                 let hour = (e.at / 3600 * 3600) as i64;
                 traffic.execute(params![e.route, e.served_by.as_deref().unwrap_or(""), hour, e.bytes as i64])?;
                 if !matches!(e.kind, "manifest" | "blob") {
