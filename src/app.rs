@@ -19,6 +19,9 @@ use crate::metrics::Metrics;
 use crate::registry::Digest;
 use crate::route::{Route, Router};
 
+/// A backend left out of a request, and why.
+pub type Skipped = (Arc<str>, &'static str);
+
 /// One consistent view of the configuration.
 pub struct Snapshot {
     pub config: Config,
@@ -49,32 +52,26 @@ impl Snapshot {
     }
 
     /// The route's backends in the order to try them: the one that last served `digest` first, then
-    /// the configured order; backends known to serve bad bytes for `digest` are left out.
-    /// The second list names the backends skipped because they are marked down.
-    pub fn candidates(&self, app: &App, route: &Route, digest: Option<&Digest>) -> (Vec<Arc<Backend>>, Vec<Arc<str>>) {
+    /// the configured order. Left out, and named in the second list with the reason: backends that
+    /// served bad bytes for `digest`, and backends marked down (unless every one is down: then they are
+    /// tried anyway, a probe may simply not have run yet).
+    pub fn candidates(&self, app: &App, route: &Route, digest: Option<&Digest>) -> (Vec<Arc<Backend>>, Vec<Skipped>) {
         let mut out: Vec<Arc<Backend>> = Vec::with_capacity(route.backends.len());
-        let hint = digest.and_then(|d| app.locations.get(d));
-        if let Some(h) = &hint {
-            if route.backends.iter().any(|b| **b == **h) {
-                out.extend(self.backends.get(&**h).cloned());
-            }
-        }
-        for name in &route.backends {
-            if hint.as_deref() == Some(name.as_str()) {
+        let mut skipped = Vec::new();
+        let hint = digest.and_then(|d| app.locations.get(d)).filter(|h| route.backends.iter().any(|b| **b == **h));
+        for name in hint.iter().map(|h| &**h).chain(route.backends.iter().map(String::as_str)) {
+            let Some(b) = self.backends.get(name) else { continue };
+            if out.iter().any(|o| o.name == b.name) {
                 continue;
             }
-            if let Some(d) = digest {
-                if app.bad.contains_key(&(Arc::from(name.as_str()), d.clone())) {
-                    continue;
-                }
+            if digest.is_some_and(|d| app.bad.contains_key(&(b.name.clone(), d.clone()))) {
+                skipped.push((b.name.clone(), "served bad bytes for this digest, skipped"));
+                continue;
             }
-            out.extend(self.backends.get(name).cloned());
+            out.push(b.clone());
         }
-        // Backends marked down are skipped, so a dead backend costs nothing; when all are down they
-        // are tried anyway (a probe may simply not have run yet).
-        let mut skipped = Vec::new();
         if out.iter().any(|b| !b.health.is_down()) {
-            skipped = out.iter().filter(|b| b.health.is_down()).map(|b| b.name.clone()).collect();
+            skipped.extend(out.iter().filter(|b| b.health.is_down()).map(|b| (b.name.clone(), "down, skipped")));
             out.retain(|b| !b.health.is_down());
         }
         (out, skipped)
@@ -102,22 +99,20 @@ pub struct App {
     pub warmer: Arc<crate::warm::Warmer>,
 }
 
-/// How long "backend X served digest D" sends requests for D straight to X. Short on purpose: once
-/// the migration target has the object (warmed or migrated), it should get the traffic back soon.
-const LOCATION_TTL: Duration = Duration::from_secs(600);
-
 /// Memory the manifest cache may use.
 const MANIFEST_CACHE_BYTES: u64 = 16 << 20;
 
 impl App {
     pub fn new(config: Config, recorder: Recorder) -> Result<App, SnapshotError> {
         let metrics = Arc::new(Metrics::new());
+        let locations =
+            moka::sync::Cache::builder().max_capacity(100_000).time_to_live(config.server.location_ttl()).build();
         Ok(App {
+            locations,
             snapshot: RwLock::new(Arc::new(Snapshot::new(config, &metrics)?)),
             metrics,
             recorder,
             warmer: Arc::default(),
-            locations: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(LOCATION_TTL).build(),
             manifests: moka::sync::Cache::builder()
                 .max_capacity(MANIFEST_CACHE_BYTES)
                 .weigher(|_, m: &CachedManifest| m.bytes.len().try_into().unwrap_or(u32::MAX))

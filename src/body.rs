@@ -26,8 +26,9 @@ enum Source {
 /// Called once when a verified body turns out not to match its digest.
 pub type OnMismatch = Box<dyn FnOnce(&Digest, &str) + Send>;
 
-/// Called once with the number of bytes sent and whether the body was sent whole.
-pub type OnFinish = Box<dyn FnOnce(u64, bool) + Send>;
+/// Called once with the number of bytes sent, whether the body was sent whole, and whether it was cut
+/// because its bytes did not match its digest.
+pub type OnFinish = Box<dyn FnOnce(u64, bool, bool) + Send>;
 
 enum Hasher {
     Sha256(sha2::Sha256),
@@ -63,6 +64,7 @@ struct Verifier {
     hasher: Option<Hasher>,
     held: Option<Bytes>,
     on_mismatch: Option<OnMismatch>,
+    mismatched: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,7 @@ impl ProxyBody {
             expected: digest,
             held: None,
             on_mismatch: Some(on_mismatch),
+            mismatched: false,
         });
         self
     }
@@ -173,6 +176,7 @@ impl Body for ProxyBody {
                                 f(&v.expected, &got);
                             }
                             v.held = None;
+                            v.mismatched = true;
                             let e = DigestMismatch { expected: v.expected.to_string(), got };
                             return Poll::Ready(Some(Err(Box::new(e))));
                         }
@@ -213,7 +217,8 @@ impl Drop for ProxyBody {
     fn drop(&mut self) {
         if let Some(f) = self.on_finish.take() {
             let complete = self.complete || self.expected_len == Some(self.sent);
-            f(self.sent, complete);
+            let mismatch = self.verifier.as_ref().is_some_and(|v| v.mismatched);
+            f(self.sent, complete, mismatch);
         }
     }
 }
@@ -266,7 +271,7 @@ mod tests {
         let seen = Arc::new(std::sync::Mutex::new(None));
         let s = seen.clone();
         let body = ProxyBody::full(Bytes::from_static(b"abc"))
-            .on_finish(Box::new(move |n, ok| *s.lock().unwrap() = Some((n, ok))));
+            .on_finish(Box::new(move |n, ok, _| *s.lock().unwrap() = Some((n, ok))));
         let _ = body.collect().await.unwrap();
         assert_eq!(*seen.lock().unwrap(), Some((3, true)));
     }

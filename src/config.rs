@@ -37,6 +37,19 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub htpasswd: Option<PathBuf>,
+    /// How long "backend X served digest D" sends the next request for D straight to X (default 30s).
+    /// Short on purpose: within it the migration target is not asked again for D, so the target's
+    /// misses cannot close before it expires.
+    pub location_ttl: Option<String>,
+}
+
+/// Default of `[server] location_ttl`.
+pub const DEFAULT_LOCATION_TTL: Duration = Duration::from_secs(30);
+
+impl ServerConfig {
+    pub fn location_ttl(&self) -> Duration {
+        self.location_ttl.as_deref().and_then(|s| parse_duration(s).ok()).unwrap_or(DEFAULT_LOCATION_TTL)
+    }
 }
 
 fn default_listen() -> String {
@@ -45,7 +58,7 @@ fn default_listen() -> String {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), tls_cert: None, tls_key: None, htpasswd: None }
+        ServerConfig { listen: default_listen(), tls_cert: None, tls_key: None, htpasswd: None, location_ttl: None }
     }
 }
 
@@ -228,6 +241,9 @@ impl Config {
         }
         if self.admin.listen.parse::<SocketAddr>().is_err() {
             p.push(format!("admin.listen {:?} is not an address like 127.0.0.1:9100", self.admin.listen));
+        }
+        if let Some(Err(e)) = self.server.location_ttl.as_deref().map(parse_duration) {
+            p.push(format!("server.location_ttl: {e}"));
         }
         match (&self.server.tls_cert, &self.server.tls_key) {
             (Some(_), None) | (None, Some(_)) => p.push("server.tls_cert and server.tls_key go together".into()),

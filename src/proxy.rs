@@ -18,6 +18,7 @@ use crate::config::BackendKind;
 use crate::listing;
 use crate::metrics::BackendLabel;
 use crate::record::Ctx;
+use crate::registry::manifest;
 use crate::registry::path::PathError;
 use crate::registry::{
     parse_path, Digest, ErrorCode, OciError, Reference, RegistryPath, RepoName, CONTENT_DIGEST_HEADER,
@@ -292,11 +293,11 @@ async fn read_manifest(
     let claimed = header_digest(resp.headers());
     let body = http_body_util::Limited::new(reqwest::Body::from(resp), MAX_MANIFEST_BYTES);
     let bytes: Bytes = body.collect().await.map_err(|e| ManifestError::Read(e.to_string()))?.to_bytes();
-    let expected = requested.cloned().or(claimed);
-    let digest = match expected {
-        Some(d) if d.matches(&bytes) => d,
+    let media = content_type.to_str().unwrap_or("");
+    let digest = match requested.cloned().or(claimed) {
+        Some(d) if manifest::matches(&d, media, &bytes) => d,
         Some(d) => return Err(ManifestError::Mismatch(d.to_string())),
-        None => Digest::sha256_of(&bytes),
+        None => manifest::digest_of(media, &bytes),
     };
     Ok((digest, CachedManifest { origin: origin.clone(), content_type, bytes }))
 }

@@ -71,15 +71,15 @@ impl Ctx {
         }
     }
 
-    /// Backends skipped because they are down; true if there were any.
-    pub fn skipped(&mut self, names: &[Arc<str>]) -> bool {
-        for n in names {
-            self.attempts.push(format!("{n}: down, skipped"));
+    /// Backends left out (down, or known to serve bad bytes); true if there were any.
+    pub fn skipped(&mut self, skipped: &[crate::app::Skipped]) -> bool {
+        for (n, why) in skipped {
+            self.attempts.push(format!("{n}: {why}"));
             if **n == *self.target {
                 self.target_failed = true;
             }
         }
-        !names.is_empty()
+        !skipped.is_empty()
     }
 
     pub fn served(&mut self, backend: &str) {
@@ -105,8 +105,16 @@ impl Ctx {
         let (metrics, recorder, warmer) = (app.metrics.clone(), app.recorder.clone(), app.warmer.clone());
         metrics.in_flight.inc();
         let (parts, body) = resp.into_parts();
-        let body = body.on_finish(Box::new(move |bytes, complete| {
-            let ctx = self;
+        let body = body.on_finish(Box::new(move |bytes, complete, mismatch| {
+            let mut ctx = self;
+            if mismatch {
+                // The backend's bytes were wrong: it did not serve this request, it failed.
+                if ctx.served_by == ctx.target {
+                    ctx.target_failed = true;
+                }
+                ctx.attempts.push(format!("{}: bytes did not match the digest", ctx.served_by));
+                ctx.served_by.clear();
+            }
             metrics.in_flight.dec();
             tracing::info!(
                 method = %ctx.method,
@@ -163,6 +171,8 @@ impl Ctx {
                     warmer.submit(crate::warm::Job { target, route: ctx.route.clone(), repo, digest, kind: ctx.kind });
                 }
             }
+            // Traffic counts what backends served; an error body is nobody's traffic.
+            let served_bytes = if ctx.served_by.is_empty() { 0 } else { bytes };
             recorder.record(Event {
                 at: now_unix(),
                 route: ctx.route,
@@ -171,7 +181,7 @@ impl Ctx {
                 kind: ctx.kind,
                 digest: ctx.digest,
                 served_by: (!ctx.served_by.is_empty()).then_some(ctx.served_by),
-                bytes,
+                bytes: served_bytes,
                 miss,
                 warmed: false,
             });

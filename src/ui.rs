@@ -98,17 +98,17 @@ function render(d){
     const backends=r.backends.map(b=>'<span class="'+(b.up?"up":"down")+'" data-backend="'+esc(b.name)+'">'+esc(b.name)+(b.name===r.target?" (target)":"")+": "+(b.up?"up":"down")+'</span>').join(" · ");
     let body='<div class="muted">no ledger</div>';
     if(rep){
-      const misses=rep.misses.map(m=>'<tr class="miss"><td class="num">'+m.count+'</td><td>'+esc(m.outcome)+'</td><td>'+esc(m.kind)+'</td><td><code>'+esc(m.repository)+(m.reference.indexOf(":")>=0?"@":":")+esc(m.reference)+'</code></td><td>'+esc(m.served_by||"-")+'</td></tr>').join("");
+      const misses=rep.misses.map(m=>'<tr class="miss"><td class="num">'+m.count+'</td><td>'+esc(m.outcome)+'</td><td>'+esc(m.kind)+'</td><td><code>'+esc(m.repository)+(m.reference.indexOf(":")>=0?"@":":")+esc(m.reference)+'</code>'+(m.digest&&m.digest!==m.reference?'<br><code class="muted">'+esc(m.digest)+'</code>':'')+'</td><td>'+esc(m.served_by||"-")+'</td><td>'+esc(new Date(m.last_seen*1000).toISOString().replace("T"," ").slice(0,19))+'</td></tr>').join("");
       body='<div><span class="share" data-share="'+rep.target_request_share+'">'+rep.target_request_share.toFixed(1)+'%</span> of requests and '+rep.target_byte_share.toFixed(1)+'% of bytes served by the target ('+rep.target_requests+' of '+rep.requests+' requests, '+bytes(rep.target_bytes)+' of '+bytes(rep.bytes)+'), last 7 days</div>'+
         plot(rep.hours)+
         '<h3 style="font-size:1em;margin:.8em 0 0">Open misses: <span class="open-misses">'+rep.open_misses+'</span></h3>'+
-        (misses?'<table><thead><tr><th class="num">count</th><th>outcome</th><th>kind</th><th>object</th><th>served by</th></tr></thead><tbody>'+misses+'</tbody></table>':'<div class="muted">none: the target serves everything asked for</div>');
+        (misses?'<table><thead><tr><th class="num">count</th><th>outcome</th><th>kind</th><th>object</th><th>served by</th><th>last seen (UTC)</th></tr></thead><tbody>'+misses+'</tbody></table>':'<div class="muted">none: the target serves everything asked for</div>');
     }
     return '<section class="route" data-route="'+esc(r.name)+'"><h2>'+esc(r.name)+'</h2><div>'+backends+'</div>'+body+'</section>';
   }).join("");
 }
 async function refresh(){
-  try{const r=await fetch("data.json",{cache:"no-store"});if(!r.ok)throw new Error(r.status+" "+await r.text());render(await r.json());}
+  try{const r=await fetch("/ui/data.json",{cache:"no-store"});if(!r.ok)throw new Error(r.status+" "+await r.text());render(await r.json());}
   catch(e){document.getElementById("status").textContent="cannot load data: "+e.message;}
 }
 refresh();setInterval(refresh,5000);

@@ -179,8 +179,8 @@ pub fn render_table(reports: &[RouteReport]) -> String {
         if !r.misses.is_empty() {
             let _ = writeln!(
                 out,
-                "  {:>6}  {:<9} {:<8} {:<16} {:<60} DIGEST",
-                "COUNT", "OUTCOME", "KIND", "SERVED BY", "IMAGE"
+                "  {:>6}  {:<9} {:<8} {:<16} {:<19}  {:<60} DIGEST",
+                "COUNT", "OUTCOME", "KIND", "SERVED BY", "LAST SEEN (UTC)", "IMAGE"
             );
             for m in &r.misses {
                 let image = if m.reference.contains(':') {
@@ -190,11 +190,12 @@ pub fn render_table(reports: &[RouteReport]) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "  {:>6}  {:<9} {:<8} {:<16} {:<60} {}",
+                    "  {:>6}  {:<9} {:<8} {:<16} {:<19}  {:<60} {}",
                     m.count,
                     m.outcome,
                     m.kind,
                     m.served_by.as_deref().unwrap_or("-"),
+                    utc(m.last_seen),
                     image,
                     m.digest.as_deref().unwrap_or("-")
                 );
@@ -202,6 +203,23 @@ pub fn render_table(reports: &[RouteReport]) -> String {
         }
     }
     out
+}
+
+/// `2026-11-29 02:13:00` from unix seconds (UTC; no time-zone database needed).
+pub fn utc(t: u64) -> String {
+    let days = (t / 86_400) as i64;
+    let secs = t % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
 pub fn human_bytes(b: u64) -> String {
@@ -237,6 +255,13 @@ mod tests {
             miss,
             warmed: false,
         }
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_795_919_580), "2026-11-29 02:33:00");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod challenge;
 pub mod error;
+pub mod manifest;
 pub mod path;
 pub mod types;
 
