@@ -26,9 +26,20 @@ enum Source {
 /// Called once when a verified body turns out not to match its digest.
 pub type OnMismatch = Box<dyn FnOnce(&Digest, &str) + Send>;
 
-/// Called once with the number of bytes sent, whether the body was sent whole, and whether it was cut
-/// because its bytes did not match its digest.
-pub type OnFinish = Box<dyn FnOnce(u64, bool, bool) + Send>;
+/// How a body ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Finished {
+    pub bytes: u64,
+    /// Sent whole.
+    pub complete: bool,
+    /// Cut because its bytes did not match its digest.
+    pub mismatch: bool,
+    /// Cut because the backend's body failed (reset, idle timeout).
+    pub backend_error: bool,
+}
+
+/// Called once when the body is finished or dropped.
+pub type OnFinish = Box<dyn FnOnce(Finished) + Send>;
 
 enum Hasher {
     Sha256(sha2::Sha256),
@@ -81,6 +92,7 @@ pub struct ProxyBody {
     /// The body's length when known up front: hyper stops polling once it has sent that many bytes.
     expected_len: Option<u64>,
     complete: bool,
+    backend_error: bool,
     on_finish: Option<OnFinish>,
 }
 
@@ -103,7 +115,15 @@ impl ProxyBody {
             Source::Full(b) => b.as_ref().map(|b| b.len() as u64),
             Source::Stream(s) => s.size_hint().exact(),
         };
-        ProxyBody { source, verifier: None, sent: 0, expected_len, complete: false, on_finish: None }
+        ProxyBody {
+            source,
+            verifier: None,
+            sent: 0,
+            expected_len,
+            complete: false,
+            backend_error: false,
+            on_finish: None,
+        }
     }
 
     /// Verify the bytes against `digest`; the last chunk is released only if they match.
@@ -151,7 +171,10 @@ impl Body for ProxyBody {
                 },
             };
             match next {
-                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                Some(Err(e)) => {
+                    this.backend_error = true;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
                 Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => match &mut this.verifier {
                     None => return this.emit(data),
@@ -218,7 +241,7 @@ impl Drop for ProxyBody {
         if let Some(f) = self.on_finish.take() {
             let complete = self.complete || self.expected_len == Some(self.sent);
             let mismatch = self.verifier.as_ref().is_some_and(|v| v.mismatched);
-            f(self.sent, complete, mismatch);
+            f(Finished { bytes: self.sent, complete, mismatch, backend_error: self.backend_error });
         }
     }
 }
@@ -271,7 +294,7 @@ mod tests {
         let seen = Arc::new(std::sync::Mutex::new(None));
         let s = seen.clone();
         let body = ProxyBody::full(Bytes::from_static(b"abc"))
-            .on_finish(Box::new(move |n, ok, _| *s.lock().unwrap() = Some((n, ok))));
+            .on_finish(Box::new(move |f| *s.lock().unwrap() = Some((f.bytes, f.complete))));
         let _ = body.collect().await.unwrap();
         assert_eq!(*seen.lock().unwrap(), Some((3, true)));
     }

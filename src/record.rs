@@ -9,7 +9,7 @@ use http::{Method, Response};
 
 use crate::app::App;
 use crate::backend::Backend;
-use crate::body::ProxyBody;
+use crate::body::{Finished, ProxyBody};
 use crate::ledger::{now_unix, Event, Outcome};
 use crate::metrics::{FallbackLabels, RequestLabels, RouteBackend};
 
@@ -105,8 +105,18 @@ impl Ctx {
         let (metrics, recorder, warmer) = (app.metrics.clone(), app.recorder.clone(), app.warmer.clone());
         metrics.in_flight.inc();
         let (parts, body) = resp.into_parts();
-        let body = body.on_finish(Box::new(move |bytes, complete, mismatch| {
+        let locations = app.locations.clone();
+        let body = body.on_finish(Box::new(move |finished| {
+            let Finished { bytes, complete, mismatch, backend_error } = finished;
             let mut ctx = self;
+            if backend_error && !ctx.served_by.is_empty() {
+                // The backend cut its body: the next request for this digest must not go straight back.
+                if let Some(d) = ctx.digest.as_ref().and_then(|d| d.parse::<crate::registry::Digest>().ok()) {
+                    if locations.get(&d).is_some_and(|b| *b == *ctx.served_by) {
+                        locations.invalidate(&d);
+                    }
+                }
+            }
             if mismatch {
                 // The backend's bytes were wrong: it did not serve this request, it failed.
                 if ctx.served_by == ctx.target {

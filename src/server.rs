@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,9 +109,9 @@ pub async fn run(
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let result = match tls {
-                None => serve_io(&builder, watcher, app, stream).await,
+                None => serve_io(&builder, watcher, app, stream, handshake_timeout).await,
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => serve_io(&builder, watcher, app, tls_stream).await,
+                    Ok(Ok(tls_stream)) => serve_io(&builder, watcher, app, tls_stream, handshake_timeout).await,
                     Ok(Err(e)) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
                     Err(_) => Err("TLS handshake timed out".into()),
                 },
@@ -129,18 +130,37 @@ pub async fn run(
     }
 }
 
+/// Serve one connection. A connection that has not started a request within `first_request` is
+/// closed: hyper's `header_read_timeout` only runs once hyper-util has told HTTP/1 from HTTP/2, and
+/// that sniffing waits without a timer for a client that sends nothing (or half an HTTP/2 preface),
+/// which would otherwise hold a connection slot forever.
 async fn serve_io<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     app: Arc<App>,
     io: I,
+    first_request: Duration,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let started = Arc::new(AtomicBool::new(false));
+    let seen = started.clone();
     let service = service_fn(move |req| {
+        seen.store(true, Ordering::Relaxed);
         let app = app.clone();
         async move { Ok::<_, Infallible>(proxy::handle(app, req).await) }
     });
-    watcher.watch(builder.serve_connection(TokioIo::new(io), service).into_owned()).await
+    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
+    tokio::pin!(conn);
+    tokio::select! {
+        r = &mut conn => r,
+        () = tokio::time::sleep(first_request) => {
+            if started.load(Ordering::Relaxed) {
+                conn.await
+            } else {
+                Err(format!("no request within {first_request:?}; closed").into())
+            }
+        }
+    }
 }
