@@ -16,7 +16,7 @@ use crate::backend::{Answer, Backend};
 use crate::body::ProxyBody;
 use crate::proxy::{nothing_served, Query};
 use crate::record::Ctx;
-use crate::registry::{ErrorCode, OciError, RepoName};
+use crate::registry::{ErrorCode, OciError, Reference, RepoName};
 use crate::respond;
 use crate::route::Route;
 
@@ -124,6 +124,34 @@ fn listing_response(method: &Method, body: String, link: Option<String>) -> Resp
     respond::json(method, body, h)
 }
 
+/// Merge the listing of every backend of the route: `first` names a backend's first page (and the
+/// repository for its token scope) or skips the backend; `extract` adds one page's entries.
+async fn union(
+    snap: &Snapshot,
+    route: &Route,
+    ctx: &mut Ctx,
+    first: impl Fn(&Backend) -> Option<(String, Option<RepoName>)>,
+    mut extract: impl FnMut(&Backend, &[u8], &mut BTreeSet<String>),
+) -> Result<BTreeSet<String>, OciError> {
+    let mut all = BTreeSet::new();
+    let mut found = false;
+    for b in &route.backends {
+        let Some(backend) = snap.backends.get(b) else { continue };
+        let Some((path, repo)) = first(backend) else { continue };
+        if let Pages::Found(pages) = read_pages(backend, path, repo.as_ref(), ctx).await {
+            found = true;
+            for p in pages {
+                extract(backend, &p, &mut all);
+            }
+        }
+    }
+    if !found {
+        return Err(nothing_served(ctx, ErrorCode::NameUnknown));
+    }
+    ctx.served_by = "union".into();
+    Ok(all)
+}
+
 pub async fn tags(
     snap: &Snapshot,
     route: &Route,
@@ -133,33 +161,13 @@ pub async fn tags(
     method: &Method,
     ctx: &mut Ctx,
 ) -> Result<Response<ProxyBody>, OciError> {
-    let mut all = BTreeSet::new();
-    let (mut found, mut any_failed) = (false, false);
-    for b in &route.backends {
-        let Some(backend) = snap.backends.get(b) else { continue };
-        let Ok(mapped) = backend.map_name(name) else { continue };
-        match read_pages(backend, format!("/v2/{mapped}/tags/list"), Some(&mapped), ctx).await {
-            Pages::Found(pages) => {
-                found = true;
-                for p in pages {
-                    if let Ok(list) = serde_json::from_slice::<TagList>(&p) {
-                        all.extend(
-                            list.tags
-                                .unwrap_or_default()
-                                .into_iter()
-                                .filter(|t| t.parse::<crate::registry::Reference>().is_ok()),
-                        );
-                    }
-                }
-            }
-            Pages::Missing => {}
-            Pages::Failed => any_failed = true,
+    let first = |b: &Backend| b.map_name(name).ok().map(|m| (format!("/v2/{m}/tags/list"), Some(m)));
+    let all = union(snap, route, ctx, first, |_, page, all| {
+        if let Ok(list) = serde_json::from_slice::<TagList>(page) {
+            all.extend(list.tags.unwrap_or_default().into_iter().filter(|t| t.parse::<Reference>().is_ok()));
         }
-    }
-    if !found {
-        return Err(nothing_served(ctx, any_failed, ErrorCode::NameUnknown));
-    }
-    ctx.served_by = "union".into();
+    })
+    .await?;
     let (page, link) = paginate(all, q, &format!("/v2/{client_name}/tags/list"));
     let body = serde_json::json!({ "name": client_name.as_str(), "tags": page }).to_string();
     Ok(listing_response(method, body, link))
@@ -172,30 +180,16 @@ pub async fn catalog(
     method: &Method,
     ctx: &mut Ctx,
 ) -> Result<Response<ProxyBody>, OciError> {
-    let mut all = BTreeSet::new();
-    let (mut found, mut any_failed) = (false, false);
-    for b in &route.backends {
-        let Some(backend) = snap.backends.get(b) else { continue };
-        match read_pages(backend, "/v2/_catalog?n=1000".into(), None, ctx).await {
-            Pages::Found(pages) => {
-                found = true;
-                for p in pages {
-                    let Ok(c) = serde_json::from_slice::<Catalog>(&p) else { continue };
-                    for repo in c.repositories.unwrap_or_default() {
-                        if let Some(n) = repo.parse::<RepoName>().ok().and_then(|r| backend.unmap_name(&r)) {
-                            all.insert(n.to_string());
-                        }
-                    }
-                }
+    let first = |_: &Backend| Some(("/v2/_catalog?n=1000".to_owned(), None));
+    let all = union(snap, route, ctx, first, |backend, page, all| {
+        let Ok(c) = serde_json::from_slice::<Catalog>(page) else { return };
+        for repo in c.repositories.unwrap_or_default() {
+            if let Some(n) = repo.parse::<RepoName>().ok().and_then(|r| backend.unmap_name(&r)) {
+                all.insert(n.to_string());
             }
-            Pages::Missing => {}
-            Pages::Failed => any_failed = true,
         }
-    }
-    if !found {
-        return Err(nothing_served(ctx, any_failed, ErrorCode::NameUnknown));
-    }
-    ctx.served_by = "union".into();
+    })
+    .await?;
     let (page, link) = paginate(all, q, "/v2/_catalog");
     let body = serde_json::json!({ "repositories": page }).to_string();
     Ok(listing_response(method, body, link))

@@ -94,12 +94,12 @@ async fn dispatch<B>(app: &App, req: &Request<B>, ctx: &mut Ctx) -> Result<Respo
         }
         (RegistryPath::Referrers { digest, .. }, Some(name)) => {
             ctx.reference = digest.to_string();
-            let mut path = format!("/referrers/{digest}");
+            let mut path = format!("referrers/{digest}");
             if let Some(t) = &query.artifact_type {
                 path.push_str("?artifactType=");
                 path.push_str(&form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>());
             }
-            referrers(&snap, route, &name, &path, &method, &headers, ctx).await
+            referrers(app, &snap, route, &name, &path, &method, &headers, ctx).await
         }
         (RegistryPath::TagsList { name: client_name }, Some(name)) => {
             listing::tags(&snap, route, &client_name, &name, &query, &method, ctx).await
@@ -170,9 +170,9 @@ fn forwarded_headers(from: &HeaderMap) -> HeaderMap {
 }
 
 /// The final answer when no backend served: 503 if any failed (it might have had it), else 404.
-pub(crate) fn nothing_served(ctx: &Ctx, any_failed: bool, missing: ErrorCode) -> OciError {
+pub(crate) fn nothing_served(ctx: &Ctx, missing: ErrorCode) -> OciError {
     let detail = serde_json::json!({ "attempts": ctx.attempts });
-    if any_failed {
+    if ctx.any_failed {
         OciError::new(ErrorCode::Unavailable).message("no backend could answer").detail(detail)
     } else {
         OciError::new(missing).detail(detail)
@@ -199,28 +199,11 @@ async fn manifest(
         }
     }
     let (candidates, skipped) = snap.candidates(app, route, digest);
-    let mut any_failed = ctx.skipped(&skipped);
+    ctx.skipped(&skipped);
     for backend in candidates {
-        let mapped = match backend.map_name(name) {
-            Ok(m) => m,
-            Err(e) => {
-                ctx.failed(&backend, &e);
-                continue;
-            }
-        };
-        let path = format!("/v2/{mapped}/manifests/{reference}");
-        let resp = match backend.fetch(method, &path, Some(&mapped), headers).await {
-            Answer::Found(r) => r,
-            Answer::Missing(s) => {
-                ctx.missing(&backend, s.as_u16());
-                continue;
-            }
-            Answer::Failed(e) => {
-                any_failed = true;
-                forget(app, &backend, digest);
-                ctx.failed(&backend, &e);
-                continue;
-            }
+        let suffix = format!("manifests/{reference}");
+        let Some((mapped, resp)) = ask(app, &backend, method, name, &suffix, headers, digest, ctx).await else {
+            continue;
         };
         if *method == Method::HEAD {
             ctx.served(&backend.name);
@@ -244,7 +227,6 @@ async fn manifest(
                 return Ok(manifest_response(method, &d, &m));
             }
             Err(e) => {
-                any_failed = true;
                 if matches!(e, ManifestError::Mismatch(_)) {
                     tracing::warn!(backend = %backend.name, repository = %mapped, reference = %reference, "{e}");
                     app.metrics
@@ -260,7 +242,7 @@ async fn manifest(
             }
         }
     }
-    Err(nothing_served(ctx, any_failed, ErrorCode::ManifestUnknown))
+    Err(nothing_served(ctx, ErrorCode::ManifestUnknown))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +282,49 @@ async fn read_manifest(
         None => manifest::digest_of(media, &bytes),
     };
     Ok((digest, CachedManifest { origin: origin.clone(), content_type, bytes }))
+}
+
+/// Ask one backend for `/v2/<its name>/<suffix>`. A found answer comes back with the mapped name; a
+/// missing or failed one is noted in `ctx` (a failure also drops the location hint for `digest`).
+#[allow(clippy::too_many_arguments)]
+async fn ask(
+    app: &App,
+    backend: &Backend,
+    method: &Method,
+    name: &RepoName,
+    suffix: &str,
+    headers: &HeaderMap,
+    digest: Option<&Digest>,
+    ctx: &mut Ctx,
+) -> Option<(RepoName, reqwest::Response)> {
+    let mapped = match backend.map_name(name) {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.failed(backend, &e);
+            return None;
+        }
+    };
+    let path = format!("/v2/{mapped}/{suffix}");
+    let mut answer = backend.fetch(method, &path, Some(&mapped), headers).await;
+    // Harbor answers a HEAD for a blob its proxy cache has not fetched yet with 404, although a GET
+    // would fetch it (goharbor/harbor#19108): ask again with GET and use only its headers.
+    let harbor_blob_head =
+        *method == Method::HEAD && backend.kind == BackendKind::Harbor && suffix.starts_with("blobs/");
+    if harbor_blob_head && matches!(answer, Answer::Missing(_)) {
+        answer = backend.fetch(&Method::GET, &path, Some(&mapped), headers).await;
+    }
+    match answer {
+        Answer::Found(r) => Some((mapped, r)),
+        Answer::Missing(s) => {
+            ctx.missing(backend, s.as_u16());
+            None
+        }
+        Answer::Failed(e) => {
+            forget(app, backend, digest);
+            ctx.failed(backend, &e);
+            None
+        }
+    }
 }
 
 fn manifest_response(method: &Method, digest: &Digest, m: &CachedManifest) -> Response<ProxyBody> {
@@ -349,34 +374,11 @@ async fn blob(
     ctx: &mut Ctx,
 ) -> Result<Response<ProxyBody>, OciError> {
     let (candidates, skipped) = snap.candidates(app, route, Some(digest));
-    let mut any_failed = ctx.skipped(&skipped);
+    ctx.skipped(&skipped);
+    let suffix = format!("blobs/{digest}");
     for backend in candidates {
-        let mapped = match backend.map_name(name) {
-            Ok(m) => m,
-            Err(e) => {
-                ctx.failed(&backend, &e);
-                continue;
-            }
-        };
-        let path = format!("/v2/{mapped}/blobs/{digest}");
-        let mut answer = backend.fetch(method, &path, Some(&mapped), headers).await;
-        // Harbor answers a HEAD for a blob its proxy cache has not fetched yet with 404, although a GET
-        // would fetch it (goharbor/harbor#19108): ask again with GET and use only its headers.
-        if *method == Method::HEAD && backend.kind == BackendKind::Harbor && matches!(answer, Answer::Missing(_)) {
-            answer = backend.fetch(&Method::GET, &path, Some(&mapped), headers).await;
-        }
-        let resp = match answer {
-            Answer::Found(r) => r,
-            Answer::Missing(s) => {
-                ctx.missing(&backend, s.as_u16());
-                continue;
-            }
-            Answer::Failed(e) => {
-                any_failed = true;
-                forget(app, &backend, Some(digest));
-                ctx.failed(&backend, &e);
-                continue;
-            }
+        let Some((_, resp)) = ask(app, &backend, method, name, &suffix, headers, Some(digest), ctx).await else {
+            continue;
         };
         ctx.served(&backend.name);
         app.locations.insert(digest.clone(), backend.name.clone());
@@ -409,10 +411,14 @@ async fn blob(
         }
         return Ok(respond::response(method, status, out_headers, body));
     }
-    Err(nothing_served(ctx, any_failed, ErrorCode::BlobUnknown))
+    Err(nothing_served(ctx, ErrorCode::BlobUnknown))
 }
 
+/// Referrers (distribution-spec "Listing Referrers"): the first backend in the route's order that
+/// answers; a registry without the API answers 404, and clients then fall back to the tag schema.
+#[allow(clippy::too_many_arguments)]
 async fn referrers(
+    app: &App,
     snap: &Snapshot,
     route: &Route,
     name: &RepoName,
@@ -421,26 +427,17 @@ async fn referrers(
     headers: &HeaderMap,
     ctx: &mut Ctx,
 ) -> Result<Response<ProxyBody>, OciError> {
-    let mut any_failed = false;
-    for name_b in &route.backends {
-        let Some(backend) = snap.backends.get(name_b) else { continue };
-        let Ok(mapped) = backend.map_name(name) else { continue };
-        let path = format!("/v2/{mapped}{suffix}");
-        match backend.fetch(method, &path, Some(&mapped), headers).await {
-            Answer::Found(resp) => {
-                ctx.served(&backend.name);
-                let status = resp.status();
-                let h = respond::passed_headers(resp.headers());
-                return Ok(respond::response(method, status, h, ProxyBody::stream(reqwest::Body::from(resp))));
-            }
-            Answer::Missing(s) => ctx.missing(backend, s.as_u16()),
-            Answer::Failed(e) => {
-                any_failed = true;
-                ctx.failed(backend, &e);
-            }
+    let (candidates, skipped) = snap.candidates(app, route, None);
+    ctx.skipped(&skipped);
+    for backend in candidates {
+        if let Some((_, resp)) = ask(app, &backend, method, name, suffix, headers, None, ctx).await {
+            ctx.served(&backend.name);
+            let status = resp.status();
+            let h = respond::passed_headers(resp.headers());
+            return Ok(respond::response(method, status, h, ProxyBody::stream(reqwest::Body::from(resp))));
         }
     }
-    Err(nothing_served(ctx, any_failed, ErrorCode::ManifestUnknown))
+    Err(nothing_served(ctx, ErrorCode::ManifestUnknown))
 }
 
 #[cfg(test)]

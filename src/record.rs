@@ -35,6 +35,8 @@ pub struct Ctx {
     pub attempts: Vec<String>,
     /// The target failed (as opposed to not having it).
     target_failed: bool,
+    /// Some backend failed (so "not found" cannot be concluded).
+    pub any_failed: bool,
 }
 
 impl Ctx {
@@ -55,6 +57,7 @@ impl Ctx {
             from_cache: false,
             attempts: Vec::new(),
             target_failed: false,
+            any_failed: false,
         }
     }
 
@@ -66,20 +69,21 @@ impl Ctx {
     /// A backend failed to answer.
     pub fn failed(&mut self, backend: &Backend, what: impl std::fmt::Display) {
         self.attempts.push(format!("{}: {what}", backend.name));
+        self.any_failed = true;
         if *backend.name == *self.target {
             self.target_failed = true;
         }
     }
 
-    /// Backends left out (down, or known to serve bad bytes); true if there were any.
-    pub fn skipped(&mut self, skipped: &[crate::app::Skipped]) -> bool {
+    /// Backends left out (down, or known to serve bad bytes): they count as failed.
+    pub fn skipped(&mut self, skipped: &[crate::app::Skipped]) {
         for (n, why) in skipped {
             self.attempts.push(format!("{n}: {why}"));
+            self.any_failed = true;
             if **n == *self.target {
                 self.target_failed = true;
             }
         }
-        !skipped.is_empty()
     }
 
     pub fn served(&mut self, backend: &str) {
