@@ -1,7 +1,8 @@
 //! Backend health: a backend whose requests keep failing (connection refused, timeouts, 5xx) is marked
 //! down and skipped, so a dead Harbor costs milliseconds instead of a timeout per request. A background
-//! probe asks every backend `GET /v2/` every [`PROBE_INTERVAL`]: no answer marks it down at once (so
-//! `/readyz` sees a stopped backend without waiting for traffic), an answer brings it back.
+//! probe asks every backend `GET /v2/` every [`PROBE_INTERVAL`]: a refused connection marks it down at
+//! once (so `/readyz` sees a stopped backend without waiting for traffic), a slow answer counts as a
+//! failure, an answer brings it back.
 //!
 //! This is advice to the request path, never a verdict: when every backend of a route is down, they are
 //! tried anyway.
@@ -15,6 +16,17 @@ pub const FAILURES_TO_DOWN: u32 = 3;
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// A probe that gets no answer within this time fails.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a `GET /v2/` probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Any HTTP answer below 500 (a 401 too: the registry is alive).
+    Answered,
+    /// Nothing listens: the connection was refused or could not be made.
+    Refused,
+    /// No answer within the probe timeout, or a 5xx.
+    Slow,
+}
 
 #[derive(Debug, Default)]
 pub struct Health {
@@ -42,12 +54,16 @@ impl Health {
     }
 
     /// The result of a probe. Returns the new state if it changed (`Some(true)`: up again).
-    pub fn probed(&self, answered: bool) -> Option<bool> {
-        if answered {
-            self.failures.store(0, Ordering::Relaxed);
-            self.down.swap(false, Ordering::Relaxed).then_some(true)
-        } else {
-            (!self.down.swap(true, Ordering::Relaxed)).then_some(false)
+    /// A refused connection marks the backend down at once; a slow or 5xx answer counts as one
+    /// failure, so a backend that is merely saturated by a burst of pulls is not taken out of service.
+    pub fn probed(&self, probe: Probe) -> Option<bool> {
+        match probe {
+            Probe::Answered => {
+                self.failures.store(0, Ordering::Relaxed);
+                self.down.swap(false, Ordering::Relaxed).then_some(true)
+            }
+            Probe::Refused => (!self.down.swap(true, Ordering::Relaxed)).then_some(false),
+            Probe::Slow => self.failure().then_some(false),
         }
     }
 }
@@ -67,10 +83,14 @@ mod tests {
         assert!(h.failure(), "third consecutive failure marks down");
         assert!(h.is_down());
         assert!(!h.failure(), "already down: no second probe");
-        assert_eq!(h.probed(true), Some(true));
+        assert_eq!(h.probed(Probe::Answered), Some(true));
         assert!(!h.is_down());
-        assert_eq!(h.probed(true), None);
-        assert_eq!(h.probed(false), Some(false), "a failed probe marks down at once");
+        assert_eq!(h.probed(Probe::Answered), None);
+        assert_eq!(h.probed(Probe::Slow), None, "one slow probe is not enough");
+        assert_eq!(h.probed(Probe::Slow), None);
+        assert_eq!(h.probed(Probe::Slow), Some(false), "the third in a row is");
+        assert_eq!(h.probed(Probe::Answered), Some(true));
+        assert_eq!(h.probed(Probe::Refused), Some(false), "a refused connection marks down at once");
         assert!(h.is_down());
     }
 }

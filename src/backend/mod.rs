@@ -204,10 +204,13 @@ impl Backend {
     }
 
     /// Ask `GET /v2/`: any HTTP answer below 500 (401 included: it is alive) counts as up.
-    pub async fn probe(&self) -> bool {
+    pub async fn probe(&self) -> health::Probe {
         let timeout = self.timeout.min(health::PROBE_TIMEOUT);
-        let answered = tokio::time::timeout(timeout, self.client.get(format!("{}/v2/", self.base)).send()).await;
-        matches!(answered, Ok(Ok(r)) if r.status().as_u16() < 500)
+        match tokio::time::timeout(timeout, self.client.get(format!("{}/v2/", self.base)).send()).await {
+            Ok(Ok(r)) if r.status().as_u16() < 500 => health::Probe::Answered,
+            Ok(Err(e)) if e.is_connect() => health::Probe::Refused,
+            _ => health::Probe::Slow,
+        }
     }
 
     async fn fetch_inner(
