@@ -307,7 +307,7 @@ async fn ask(
     let path = format!("/v2/{mapped}/{suffix}");
     let mut answer = backend.fetch(method, &path, Some(&mapped), headers).await;
     // Harbor answers a HEAD for a blob its proxy cache has not fetched yet with 404, although a GET
-    // would fetch it (goharbor/harbor#19108): ask again with GET and use only its headers.
+    // would fetch it (goharbor/harbor#22609): ask again with GET and use only its headers.
     let harbor_blob_head =
         *method == Method::HEAD && backend.kind == BackendKind::Harbor && suffix.starts_with("blobs/");
     if harbor_blob_head && matches!(answer, Answer::Missing(_)) {

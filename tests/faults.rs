@@ -1815,3 +1815,75 @@ fn oversized_headers_get_431_and_slow_clients_are_cut_off() {
     }
     assert!(problems.is_empty(), "slow clients:\n{}", problems.join("\n"));
 }
+
+/// Harbor's proxy-cache quirk (goharbor/harbor#22609): a blob `HEAD` answers 404 until a `GET` made
+/// Harbor fetch the blob. Harbor itself cannot run here, so a fake backend plays exactly that. With
+/// `kind = "harbor"` a client's HEAD must find the blob (regmux asks with GET); with the default kind
+/// the 404 is taken at its word and the next backend (which lacks it too) makes it a 404.
+#[test]
+fn harbor_blob_head_404_is_resolved_by_get() {
+    let lab = Lab::new();
+    let blob = Arc::new(random_bytes(11, 100 << 10));
+    let digest = sha256_bytes(&blob);
+    let harbor = {
+        let (blob, path) = (blob.clone(), format!("/v2/quay-proxy/keycloak/keycloak/blobs/{digest}"));
+        let fetched = Arc::new(AtomicBool::new(false));
+        let digest = digest.clone();
+        FakeServer::start("harbor", move |req, conn| {
+            if req.path != path {
+                return empty_registry(req, conn);
+            }
+            let headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", digest.as_str())];
+            match req.method.as_str() {
+                "GET" => {
+                    fetched.store(true, Ordering::SeqCst);
+                    conn.respond(200, &headers, &blob)
+                }
+                "HEAD" if fetched.load(Ordering::SeqCst) => {
+                    let head = response_head(200, &headers, Some(blob.len()));
+                    if conn.send(head.as_bytes()) {
+                        Flow::KeepAlive
+                    } else {
+                        Flow::Close
+                    }
+                }
+                _ => conn.respond(
+                    404,
+                    &[("Content-Type", "application/json")],
+                    br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
+                ),
+            }
+        })
+    };
+    let empty = FakeServer::start("empty", empty_registry);
+    let config = regmux_config(
+        &lab,
+        "",
+        &format!(
+            "[backends.harbor]\nurl = {h}\nprefix = \"quay-proxy\"\nkind = \"harbor\"\n\n\
+             [backends.plain]\nurl = {h}\nprefix = \"quay-proxy\"\n\n\
+             [backends.empty]\nurl = {e}\n\n\
+             [[routes]]\nname = \"quay\"\nregistries = [\"quay.io\"]\nbackends = [\"harbor\", \"empty\"]\n\n\
+             [[routes]]\nname = \"plain\"\nregistries = [\"plain.test\"]\nbackends = [\"plain\", \"empty\"]\n",
+            h = q(harbor.url()),
+            e = q(empty.url())
+        ),
+    );
+    let regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
+
+    // The default kind trusts the HEAD 404 (nothing fetched it yet).
+    let r = http("HEAD", &format!("{}/v2/plain.test/keycloak/keycloak/blobs/{digest}", regmux.url()), &[]);
+    assert_eq!(r.status, 404, "{}", regmux.logs());
+
+    // kind = "harbor": the HEAD is answered from a GET's headers, with the blob's length and digest.
+    let blob_requests = |s: &FakeServer| s.requests().iter().filter(|q| q.path.contains("/blobs/")).count();
+    let empty_before = blob_requests(&empty);
+    let r = http("HEAD", &format!("{}/v2/quay.io/keycloak/keycloak/blobs/{digest}", regmux.url()), &[]);
+    assert_eq!(r.status, 200, "{}", regmux.logs());
+    assert_eq!(r.header("content-length"), Some(blob.len().to_string().as_str()));
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    assert!(r.body.is_empty());
+    let asked: Vec<String> = harbor.requests().iter().map(|q| format!("{} {}", q.method, q.path)).collect();
+    assert!(asked.iter().any(|a| a.starts_with("GET ") && a.ends_with(&digest)), "regmux asked with GET: {asked:?}");
+    assert_eq!(blob_requests(&empty), empty_before, "no fallback was needed");
+}
