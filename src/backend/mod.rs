@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod health;
+pub mod tls;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -18,6 +19,8 @@ use crate::metrics::Metrics;
 use crate::registry::challenge::{parse_challenge, Challenge};
 use crate::registry::RepoName;
 use auth::{Credentials, Secret, TokenCache, TokenKey};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 pub struct Backend {
     pub name: Arc<str>,
@@ -92,6 +95,8 @@ pub enum BuildError {
     CaFile { name: String, path: String, message: String },
     #[error("backend {name}: {source}")]
     Client { name: String, source: reqwest::Error },
+    #[error("backend {name}: TLS: {source}")]
+    Tls { name: String, source: rustls::Error },
 }
 
 impl Backend {
@@ -129,20 +134,30 @@ impl Backend {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true);
-        if let Some(path) = &cfg.ca_file {
-            let err =
-                |message: String| BuildError::CaFile { name: name.into(), path: path.display().to_string(), message };
-            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(err("no PEM certificate in it".into()));
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
         if cfg.insecure_skip_verify {
             builder = builder.tls_danger_accept_invalid_certs(true);
+        } else {
+            let verifier = match &cfg.ca_file {
+                None => tls::LazyVerifier::shared(),
+                Some(path) => {
+                    let err = |message: String| BuildError::CaFile {
+                        name: name.into(),
+                        path: path.display().to_string(),
+                        message,
+                    };
+                    let certs = CertificateDer::pem_file_iter(path)
+                        .map_err(|e| err(e.to_string()))?
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| err(e.to_string()))?;
+                    if certs.is_empty() {
+                        return Err(err("no PEM certificate in it".into()));
+                    }
+                    Arc::new(tls::LazyVerifier::new(certs))
+                }
+            };
+            let config =
+                tls::client_config(verifier).map_err(|source| BuildError::Tls { name: name.into(), source })?;
+            builder = builder.use_preconfigured_tls(config);
         }
         let client = builder.build().map_err(|source| BuildError::Client { name: name.into(), source })?;
         Ok(Backend {
