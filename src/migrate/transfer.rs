@@ -85,6 +85,11 @@ pub struct Migration {
     pub bytes: AtomicU64,
     /// Blobs this run put into the target, and where (for cross-repository mounts).
     pushed: Mutex<HashMap<Digest, RepoName>>,
+    /// One lock per blob digest: images copied concurrently that share a layer wait for the first
+    /// upload and then mount it, instead of each uploading it.
+    blob_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Manifests read from a source in this run (the tag step needs them again).
+    manifests: Mutex<HashMap<Digest, (Bytes, HeaderValue)>>,
 }
 
 /// How one item went.
@@ -95,7 +100,16 @@ enum Done {
 
 impl Migration {
     pub fn new(mode: Mode, dest: Arc<Backend>, sources: Vec<Arc<Backend>>, dry_run: bool) -> Migration {
-        Migration { mode, dest, sources, dry_run, bytes: AtomicU64::new(0), pushed: Mutex::new(HashMap::new()) }
+        Migration {
+            mode,
+            dest,
+            sources,
+            dry_run,
+            bytes: AtomicU64::new(0),
+            pushed: Mutex::default(),
+            blob_locks: Mutex::default(),
+            manifests: Mutex::default(),
+        }
     }
 
     /// Bring every item over, `concurrency` at once; `tick` is called after each item.
@@ -203,6 +217,8 @@ impl Migration {
 
     /// Bring one blob over; `None` if the target had it.
     async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, String> {
+        let lock = self.blob_locks.lock().map_err(|e| e.to_string())?.entry(digest.clone()).or_default().clone();
+        let _one_at_a_time = lock.lock().await;
         let mapped = self.dest.map_name(repo).map_err(|e| e.to_string())?;
         let path = format!("/v2/{mapped}/blobs/{digest}");
         // A HEAD tells whether the target has the blob, except on a distribution proxy, where a HEAD
@@ -313,10 +329,18 @@ impl Migration {
     }
 
     async fn source_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<(Bytes, HeaderValue), String> {
+        if let Some(m) = self.manifests.lock().ok().and_then(|m| m.get(digest).cloned()) {
+            return Ok(m);
+        }
         let mut tried = Vec::new();
         for s in &self.sources {
             match get_manifest(s, repo, digest).await {
-                Ok(Some(m)) => return Ok(m),
+                Ok(Some(m)) => {
+                    if let Ok(mut cache) = self.manifests.lock() {
+                        cache.insert(digest.clone(), m.clone());
+                    }
+                    return Ok(m);
+                }
                 Ok(None) => tried.push(format!("{}: missing", s.name)),
                 Err(e) => tried.push(format!("{}: {e}", s.name)),
             }
