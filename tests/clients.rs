@@ -36,13 +36,7 @@ fn setup() -> Setup {
     push("other", &format!("{}/quay-proxy/keycloak/keycloak:24.0", harbor.addr()), Format::Oci);
     delete_blob(&harbor.url(), "quay-proxy/keycloak/keycloak", &layer_digests("other")[0]);
     let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[ledger]
-path = "{ledger}"
+        r#"{header}
 [backends.harbor-hub]
 url = "{harbor}"
 prefix = "hub-proxy"
@@ -63,7 +57,7 @@ name = "quay.io"
 registries = ["quay.io"]
 backends = ["harbor-quay", "old-quay"]
 "#,
-        ledger = lab.path().join("ledger.db").display(),
+        header = config_header(&lab.path().join("ledger.db")),
         harbor = harbor.url(),
         old = old.url(),
     );

@@ -43,13 +43,7 @@ fn config(lab: &Lab, target: &str, old: &Registry) -> std::path::PathBuf {
     lab.write(
         "regmux.toml",
         format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[ledger]
-path = "{ledger}"
+            r#"{header}
 [backends.target]
 url = "{target}"
 [backends.old]
@@ -60,7 +54,7 @@ registries = ["docker.io"]
 backends = ["target", "old"]
 default = true
 "#,
-            ledger = lab.path().join("ledger.db").display(),
+            header = config_header(&lab.path().join("ledger.db")),
             old = old.url()
         ),
     )
@@ -350,13 +344,7 @@ fn background_warming_fills_the_target_from_pulls() {
     let old = old_mirror(&lab);
     let target = Registry::start(lab.dir("target"), RegistryOpts::plain().proxy(&old.url()));
     let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[ledger]
-path = "{ledger}"
+        r#"{header}
 [backends.target]
 url = "{target}"
 [backends.old]
@@ -369,7 +357,7 @@ target = "target"
 default = true
 warm = true
 "#,
-        ledger = lab.path().join("ledger.db").display(),
+        header = config_header(&lab.path().join("ledger.db")),
         target = target.url(),
         old = old.url()
     );

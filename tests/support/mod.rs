@@ -39,7 +39,7 @@ pub use images::{
 };
 pub use process::{run, wait_for, ChildGuard};
 pub use registry::{LoggedRequest, Registry, RegistryOpts};
-pub use regmux::Regmux;
+pub use regmux::{config_header, Regmux};
 pub use token::{TokenIssuer, TokenOpts, TokenRequest};
 
 use std::fs;

@@ -183,3 +183,13 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// The `[server]`, `[admin]` and `[ledger]` sections every test configuration starts with: both
+/// listeners on ephemeral loopback ports (the runner reads the addresses from the log), the ledger at
+/// `ledger`.
+pub fn config_header(ledger: &Path) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n",
+        ledger.display()
+    )
+}
