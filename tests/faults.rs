@@ -501,9 +501,22 @@ impl Drop for FakeServer {
 fn empty_registry(req: &FakeReq, conn: &mut FakeConn) -> Flow {
     let json = [("Content-Type", "application/json")];
     if req.path == "/v2/" {
-        conn.respond(200, &json, b"{}")
+        reply(req, conn, 200, &json, b"{}")
     } else {
-        conn.respond(404, &json, br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"not here"}]}"#)
+        reply(req, conn, 404, &json, br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"not here"}]}"#)
+    }
+}
+
+/// Answer as HTTP requires: the head, and the body only if the request was not a HEAD (a body after
+/// a HEAD answer would be read as the next response on a kept-alive connection).
+fn reply(req: &FakeReq, conn: &mut FakeConn, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Flow {
+    if req.method != "HEAD" {
+        return conn.respond(status, headers, body);
+    }
+    if conn.send(response_head(status, headers, Some(body.len())).as_bytes()) {
+        Flow::KeepAlive
+    } else {
+        Flow::Close
     }
 }
 
@@ -1839,15 +1852,10 @@ fn harbor_blob_head_404_is_resolved_by_get() {
                     fetched.store(true, Ordering::SeqCst);
                     conn.respond(200, &headers, &blob)
                 }
-                "HEAD" if fetched.load(Ordering::SeqCst) => {
-                    let head = response_head(200, &headers, Some(blob.len()));
-                    if conn.send(head.as_bytes()) {
-                        Flow::KeepAlive
-                    } else {
-                        Flow::Close
-                    }
-                }
-                _ => conn.respond(
+                "HEAD" if fetched.load(Ordering::SeqCst) => reply(req, conn, 200, &headers, &blob),
+                _ => reply(
+                    req,
+                    conn,
                     404,
                     &[("Content-Type", "application/json")],
                     br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
