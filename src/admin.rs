@@ -21,7 +21,15 @@ use crate::metrics::BackendLabel;
 /// Serve the admin endpoints until the process ends.
 pub async fn run(listener: TcpListener, app: Arc<App>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let app = app.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
