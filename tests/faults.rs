@@ -90,21 +90,6 @@ fn sha256_file(path: &Path) -> String {
     format!("sha256:{}", text.split_whitespace().next().expect("sha256sum output"))
 }
 
-/// `size` reproducible, incompressible bytes (splitmix64 seeded with `seed`).
-fn random_bytes(seed: u64, size: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed;
-    let mut out = Vec::with_capacity(size + 8);
-    while out.len() < size {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(size);
-    out
-}
-
 /// Writes a [`BIG`] random file to `path` and returns its digest.
 fn write_big_file(path: &Path, seed: u64) -> String {
     let mut f = io::BufWriter::new(fs::File::create(path).expect("create big file"));

@@ -40,23 +40,16 @@ fn old_mirror(lab: &Lab) -> Registry {
 }
 
 fn config(lab: &Lab, target: &str, old: &Registry) -> std::path::PathBuf {
-    lab.write(
-        "regmux.toml",
-        format!(
-            r#"{header}
-[backends.target]
-url = "{target}"
-[backends.old]
-url = "{old}"
-[[routes]]
-name = "hub"
-registries = ["docker.io"]
-backends = ["target", "old"]
-default = true
-"#,
-            header = config_header(&lab.path().join("ledger.db")),
-            old = old.url()
-        ),
+    lab.write("regmux.toml", config_text(lab, target, old, "backends = [\"target\", \"old\"]"))
+}
+
+/// Backends `target` and `old`, and route `hub` (Docker Hub, default) with `route` added.
+fn config_text(lab: &Lab, target: &str, old: &Registry, route: &str) -> String {
+    format!(
+        "{header}\n[backends.target]\nurl = \"{target}\"\n[backends.old]\nurl = \"{old}\"\n\
+         [[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\ndefault = true\n{route}\n",
+        header = config_header(&lab.path().join("ledger.db")),
+        old = old.url()
     )
 }
 
@@ -343,24 +336,8 @@ fn background_warming_fills_the_target_from_pulls() {
     let lab = Lab::new();
     let old = old_mirror(&lab);
     let target = Registry::start(lab.dir("target"), RegistryOpts::plain().proxy(&old.url()));
-    let config = format!(
-        r#"{header}
-[backends.target]
-url = "{target}"
-[backends.old]
-url = "{old}"
-[[routes]]
-name = "hub"
-registries = ["docker.io"]
-backends = ["old", "target"]
-target = "target"
-default = true
-warm = true
-"#,
-        header = config_header(&lab.path().join("ledger.db")),
-        target = target.url(),
-        old = old.url()
-    );
+    let config =
+        config_text(&lab, &target.url(), &old, "backends = [\"old\", \"target\"]\ntarget = \"target\"\nwarm = true");
     let rx = Regmux::start(BIN, lab.dir("regmux"), &config);
     let conf = write_registries_conf(lab.path(), "docker.io", &format!("{}/docker.io", rx.addr()));
     let out = skopeo_copy_via_mirror(&conf, "docker.io/library/alpine:3.19", &lab.path().join("pulled"));

@@ -386,7 +386,7 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// `size` bytes from a splitmix64 stream seeded with `seed`: reproducible and incompressible.
-fn random_bytes(seed: u64, size: usize) -> Vec<u8> {
+pub fn random_bytes(seed: u64, size: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut out = Vec::with_capacity(size + 8);
     while out.len() < size {

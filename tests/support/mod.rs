@@ -35,7 +35,7 @@ pub use clients::{
 pub use http::{basic_auth, http, try_http, Response};
 pub use images::{
     blob_digests, config_digest, corrupt_blob, delete_blob, image, images, layer_digests, manifest_bytes,
-    manifest_digest, push, push_with_creds, try_push, BuiltImage, Format,
+    manifest_digest, push, push_with_creds, random_bytes, try_push, BuiltImage, Format,
 };
 pub use process::{run, wait_for, ChildGuard};
 pub use registry::{LoggedRequest, Registry, RegistryOpts};
