@@ -34,7 +34,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(handle(&app, req)) }
+                async move { Ok::<_, Infallible>(handle(&app, req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -51,7 +51,7 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     r
 }
 
-fn handle<B>(app: &App, req: Request<B>) -> Response<Full<Bytes>> {
+async fn handle<B>(app: &App, req: Request<B>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
@@ -67,7 +67,7 @@ fn handle<B>(app: &App, req: Request<B>) -> Response<Full<Bytes>> {
             reply(status, "application/json", serde_json::to_string(&r).unwrap_or_default())
         }
         "/ui" | "/ui/" => reply(StatusCode::OK, "text/html; charset=utf-8", crate::ui::PAGE),
-        "/ui/data.json" => match crate::ui::data(app) {
+        "/ui/data.json" => match crate::ui::data(app).await {
             Ok(json) => reply(StatusCode::OK, "application/json", json),
             Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e}\n")),
         },
@@ -107,11 +107,15 @@ pub struct RouteReadiness {
 pub fn readiness(app: &App) -> Readiness {
     let snap = app.snapshot();
     let stats = &app.recorder.stats;
-    let ledger_ok = stats.write_errors.load(Ordering::Relaxed) == 0 || stats.depth() == 0;
-    let ledger = match (&app.recorder.path, ledger_ok) {
-        (None, _) => "disabled".to_owned(),
-        (Some(_), true) => "ok".to_owned(),
-        (Some(_), false) => "write errors".to_owned(),
+    let failing = stats.failing.load(Ordering::Relaxed) && stats.depth() > 0;
+    // A replica whose own SQLite file cannot be written is not ready (another replica can record);
+    // a shared database that is down affects every replica alike, so they all keep serving while
+    // their records wait in the queue.
+    let (ledger, ledger_ready) = match &app.recorder.ledger {
+        None => ("disabled".to_owned(), true),
+        Some(_) if !failing => ("ok".to_owned(), true),
+        Some(l) if l.is_shared() => (format!("unavailable: {} events queued, retrying", stats.depth()), true),
+        Some(_) => ("write errors".to_owned(), false),
     };
     let mut routes = Vec::new();
     for r in snap.router.routes() {
@@ -129,6 +133,6 @@ pub fn readiness(app: &App) -> Readiness {
             backends_down: down,
         });
     }
-    let ready = ledger != "write errors" && routes.iter().all(|r| r.ready);
+    let ready = ledger_ready && routes.iter().all(|r| r.ready);
     Readiness { ready, config: "loaded", ledger, routes }
 }

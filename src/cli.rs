@@ -55,19 +55,20 @@ pub fn misses(
     format: Format,
     limit: usize,
 ) -> anyhow::Result<ExitCode> {
-    use regmux::ledger::{report, store::Store};
+    use regmux::ledger::report;
     let config = load(path).map_err(|e| ConfigProblem(e.to_string()))?;
     let window =
         parse_window(since).ok_or_else(|| ConfigProblem(format!("--since {since:?}: expected like 7d, 24h or 30m")))?;
-    let db = config.ledger.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LEDGER));
-    let store = Store::open_read_only(&db).with_context(|| format!("cannot open the ledger {}", db.display()))?;
+    let (location, ledger) = ledger_of(&config)?;
     let since_ts = regmux::ledger::now_unix().saturating_sub(window);
+    let rt = runtime()?;
     let mut reports = Vec::new();
     for r in &config.routes {
         if route.is_some_and(|want| want != r.name) {
             continue;
         }
-        reports.push(report::route_report(&store, &r.name, r.target().unwrap_or_default(), since_ts, limit)?);
+        let report = rt.block_on(ledger.route_report(&r.name, r.target().unwrap_or_default(), since_ts, limit));
+        reports.push(report.map_err(anyhow::Error::msg).with_context(|| format!("cannot read the ledger {location}"))?);
     }
     if let Some(want) = route {
         if reports.is_empty() {
@@ -126,6 +127,16 @@ pub fn parse_window(s: &str) -> Option<u64> {
         "s" => n,
         _ => return None,
     })
+}
+
+/// The configured ledger (or the default SQLite file) and its description.
+fn ledger_of(config: &Config) -> anyhow::Result<(String, regmux::ledger::Ledger)> {
+    use regmux::ledger::{Ledger, Location};
+    let location = Location::from_config(&config.ledger)
+        .map_err(ConfigProblem)?
+        .unwrap_or_else(|| Location::Sqlite(PathBuf::from(DEFAULT_LEDGER)));
+    let ledger = Ledger::open(&location).map_err(ConfigProblem)?;
+    Ok((location.describe(), ledger))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -193,7 +204,6 @@ pub fn migrate(
     format: Format,
 ) -> anyhow::Result<ExitCode> {
     use regmux::config::BackendKind;
-    use regmux::ledger::store::Store;
     use regmux::migrate::transfer::{items_from_inventory, items_from_ledger, Migration, Mode};
     let config = load(path).map_err(|e| ConfigProblem(e.to_string()))?;
     let rc = config
@@ -214,12 +224,20 @@ pub fn migrate(
     if mode == Mode::Copy && sources.is_empty() {
         return Err(ConfigProblem(format!("route {route:?} has no backend to copy from besides {dest_name}")).into());
     }
-    let ledger_path = config.ledger.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LEDGER));
+    let (location, ledger) = ledger_of(&config)?;
+    // A SQLite ledger that does not exist has nothing to resolve, and is not created here.
+    let ledger_exists = match &ledger {
+        regmux::ledger::Ledger::Sqlite(p) => p.exists(),
+        regmux::ledger::Ledger::Postgres(_) => true,
+    };
+    let rt = runtime()?;
     let items = match &source {
         Source::Ledger => {
-            let store = Store::open_read_only(&ledger_path)
-                .with_context(|| format!("open the ledger {}", ledger_path.display()))?;
-            items_from_ledger(&store, route)?
+            let misses = rt
+                .block_on(ledger.open_misses(route))
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("read the ledger {location}"))?;
+            items_from_ledger(misses)
         }
         Source::Inventory(file) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
@@ -232,7 +250,7 @@ pub fn migrate(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let migration = Migration::new(mode, dest, sources, dry_run);
-    let summary = runtime()?.block_on(migration.run(items, concurrency, &|item| {
+    let summary = rt.block_on(migration.run(items, concurrency, &|item| {
         bar.set_message(format!(
             "{} moved; {}",
             regmux::ledger::report::human_bytes(migration.bytes.load(std::sync::atomic::Ordering::Relaxed)),
@@ -241,9 +259,9 @@ pub fn migrate(
         bar.inc(1);
     }));
     bar.finish_and_clear();
-    if !dry_run && !summary.digests.is_empty() && ledger_path.exists() {
+    if !dry_run && !summary.digests.is_empty() && ledger_exists {
         let digests: Vec<String> = summary.digests.iter().cloned().collect();
-        match Store::open(&ledger_path).and_then(|mut s| s.resolve_digests(route, &digests, "migrate")) {
+        match rt.block_on(ledger.resolve_digests(route, &digests, "migrate")) {
             Ok(n) => eprintln!("ledger: {n} misses marked resolved"),
             Err(e) => eprintln!("ledger: could not mark misses resolved: {e}"),
         }

@@ -260,6 +260,13 @@ impl Config {
         if self.ledger.path.is_some() && self.ledger.url.is_some() {
             p.push("ledger: set path (SQLite) or url (PostgreSQL), not both".into());
         }
+        if let Some(url) = &self.ledger.url {
+            if let Err(e) = crate::ledger::pg::Settings::new(url, None) {
+                p.push(e);
+            }
+        } else if self.ledger.password_file.is_some() {
+            p.push("ledger.password_file: only used with ledger.url".into());
+        }
         for (name, b) in &self.backends {
             validate_backend(&mut p, name, b);
         }

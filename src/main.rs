@@ -273,17 +273,17 @@ fn serve(mut config: Config, listen: Option<String>, path: Option<PathBuf>) -> a
     result
 }
 
-/// The SQLite ledger of `[ledger] path`. Without a `[ledger]` section the default path is used when it
-/// can be created; otherwise regmux serves without a ledger and says so.
+/// The ledger of `[ledger] path` (SQLite) or `[ledger] url` (PostgreSQL). Without either, the default
+/// SQLite path is used when it can be created; otherwise regmux serves without a ledger and says so.
 fn open_ledger(config: &Config) -> anyhow::Result<Recorder> {
-    if config.ledger.url.is_some() {
-        return Err(
-            ConfigProblem("ledger.url (PostgreSQL) is not supported by this version; use ledger.path".into()).into()
-        );
-    }
-    match &config.ledger.path {
-        Some(p) => Ok(Recorder::open(p).map_err(|e| ConfigProblem(e.to_string()))?),
-        None => match Recorder::open(Path::new(DEFAULT_LEDGER)) {
+    use regmux::ledger::Location;
+    match Location::from_config(&config.ledger).map_err(ConfigProblem)? {
+        Some(location) => {
+            let recorder = Recorder::open(&location).map_err(|e| ConfigProblem(e.to_string()))?;
+            tracing::info!(ledger = %location.describe(), "ledger open");
+            Ok(recorder)
+        }
+        None => match Recorder::open(&Location::Sqlite(PathBuf::from(DEFAULT_LEDGER))) {
             Ok(r) => Ok(r),
             Err(e) => {
                 tracing::warn!("no [ledger] configured and the default {DEFAULT_LEDGER} cannot be used ({e}); serving without a ledger");

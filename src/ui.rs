@@ -5,8 +5,7 @@
 use serde::Serialize;
 
 use crate::app::App;
-use crate::ledger::report::{route_report, RouteReport};
-use crate::ledger::store::Store;
+use crate::ledger::report::RouteReport;
 
 /// The window the page shows.
 const WINDOW_SECS: u64 = 7 * 24 * 3600;
@@ -33,18 +32,17 @@ struct BackendView {
 }
 
 /// The JSON behind the page.
-pub fn data(app: &App) -> Result<String, String> {
+pub async fn data(app: &App) -> Result<String, String> {
     let snap = app.snapshot();
     let now = crate::ledger::now_unix();
-    let store = match &app.recorder.path {
-        Some(p) => Some(Store::open_read_only(p).map_err(|e| format!("ledger: {e}"))?),
-        None => None,
-    };
+    let ledger = app.recorder.ledger.as_ref();
     let mut routes = Vec::new();
     for r in snap.router.routes() {
-        let report = match &store {
-            Some(s) => Some(
-                route_report(s, &r.name, &r.target, now.saturating_sub(WINDOW_SECS), 20).map_err(|e| e.to_string())?,
+        let report = match ledger {
+            Some(l) => Some(
+                l.route_report(&r.name, &r.target, now.saturating_sub(WINDOW_SECS), 20)
+                    .await
+                    .map_err(|e| format!("ledger: {e}"))?,
             ),
             None => None,
         };
@@ -55,7 +53,7 @@ pub fn data(app: &App) -> Result<String, String> {
             .collect();
         routes.push(RouteView { name: r.name.clone(), target: r.target.clone(), backends, report });
     }
-    let ledger = app.recorder.path.as_ref().map(|p| p.display().to_string());
+    let ledger = ledger.map(|l| l.describe());
     serde_json::to_string(&Data { generated_at: now, ledger, routes }).map_err(|e| e.to_string())
 }
 

@@ -5,7 +5,9 @@
 //!
 //! Never on a client's time: jobs are queued after the client's response is finished, the queue is
 //! bounded (a full queue drops and counts), each object is warmed once per [`DEDUP_FOR`], and at most
-//! [`CONCURRENCY`] warms run at once. A success resolves the object's ledger misses.
+//! [`CONCURRENCY`] warms run at once. A success resolves the object's ledger misses. With a shared
+//! (PostgreSQL) ledger the replicas of a fleet claim each object in the database first, so an object
+//! is warmed once however many replicas saw its miss.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,8 @@ pub struct WarmStats {
     pub dropped: AtomicU64,
     pub warmed: AtomicU64,
     pub failed: AtomicU64,
+    /// Left to another replica that claimed the object first.
+    pub claimed_elsewhere: AtomicU64,
 }
 
 pub struct Warmer {
@@ -85,6 +89,15 @@ impl Warmer {
             let Ok(permit) = permits.clone().acquire_owned().await else { return };
             let (this, recorder) = (self.clone(), recorder.clone());
             tokio::spawn(async move {
+                let _permit = permit;
+                let ledger = recorder.ledger.clone();
+                if let Some(l) = &ledger {
+                    if !l.claim_warm(&job.target.name, job.digest.as_str(), DEDUP_FOR).await {
+                        this.stats.claimed_elsewhere.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(target = %job.target.name, digest = %job.digest, "another replica warms it");
+                        return;
+                    }
+                }
                 let result = warm(&job).await;
                 match &result {
                     Ok(bytes) => {
@@ -105,12 +118,14 @@ impl Warmer {
                     }
                     Err(e) => {
                         this.stats.failed.fetch_add(1, Ordering::Relaxed);
-                        // Let a later request try again.
+                        // Let a later request (here or on another replica) try again.
                         this.seen.invalidate(&(job.target.name.clone(), job.digest.clone()));
+                        if let Some(l) = &ledger {
+                            l.release_warm(&job.target.name, job.digest.as_str()).await;
+                        }
                         tracing::warn!(route = %job.route, target = %job.target.name, repository = %job.repo, digest = %job.digest, "warming failed: {e}");
                     }
                 }
-                drop(permit);
             });
         }
     }

@@ -54,11 +54,45 @@ pub struct Miss {
     pub last_seen: u64,
 }
 
-fn share(part: u64, total: u64) -> f64 {
+pub(crate) fn share(part: u64, total: u64) -> f64 {
     if total == 0 {
         100.0
     } else {
         (part as f64 * 1000.0 / total as f64).round() / 10.0
+    }
+}
+
+impl RouteReport {
+    /// A report from what the store read: the totals and shares are computed here, the same for
+    /// every store.
+    pub(crate) fn new(
+        route: &str,
+        target: &str,
+        since: u64,
+        backends: Vec<BackendTraffic>,
+        hours: Vec<HourShare>,
+        open_misses: u64,
+        misses: Vec<Miss>,
+    ) -> RouteReport {
+        let requests = backends.iter().map(|b| b.requests).sum();
+        let bytes = backends.iter().map(|b| b.bytes).sum();
+        let target_requests = backends.iter().filter(|b| b.backend == target).map(|b| b.requests).sum();
+        let target_bytes = backends.iter().filter(|b| b.backend == target).map(|b| b.bytes).sum();
+        RouteReport {
+            route: route.to_owned(),
+            target: target.to_owned(),
+            since,
+            requests,
+            target_requests,
+            bytes,
+            target_bytes,
+            target_request_share: share(target_requests, requests),
+            target_byte_share: share(target_bytes, bytes),
+            backends,
+            hours,
+            open_misses,
+            misses,
+        }
     }
 }
 
@@ -75,7 +109,7 @@ pub fn route_report(
     let mut backends = Vec::new();
     let mut st = c.prepare_cached(
         "SELECT backend, sum(requests), sum(bytes) FROM traffic WHERE route = ?1 AND hour >= ?2
-         GROUP BY backend ORDER BY sum(requests) DESC",
+         GROUP BY backend ORDER BY sum(requests) DESC, backend",
     )?;
     let rows = st.query_map(params![route, since_hour], |r| {
         Ok(BackendTraffic {
@@ -87,11 +121,6 @@ pub fn route_report(
     for row in rows {
         backends.push(row?);
     }
-    let requests = backends.iter().map(|b| b.requests).sum();
-    let bytes = backends.iter().map(|b| b.bytes).sum();
-    let target_requests = backends.iter().filter(|b| b.backend == target).map(|b| b.requests).sum();
-    let target_bytes = backends.iter().filter(|b| b.backend == target).map(|b| b.bytes).sum();
-
     let mut hours = Vec::new();
     let mut st = c.prepare_cached(
         "SELECT hour, sum(requests), sum(CASE WHEN backend = ?3 THEN requests ELSE 0 END)
@@ -137,21 +166,7 @@ pub fn route_report(
     for row in rows {
         misses.push(row?);
     }
-    Ok(RouteReport {
-        route: route.to_owned(),
-        target: target.to_owned(),
-        since,
-        requests,
-        target_requests,
-        bytes,
-        target_bytes,
-        target_request_share: share(target_requests, requests),
-        target_byte_share: share(target_bytes, bytes),
-        backends,
-        hours,
-        open_misses: open_misses as u64,
-        misses,
-    })
+    Ok(RouteReport::new(route, target, since, backends, hours, open_misses as u64, misses))
 }
 
 /// Human-readable rendering of reports.

@@ -122,6 +122,18 @@ impl Store {
         tx.commit()
     }
 
+    /// The open misses of `route` that have a digest.
+    pub fn open_misses(&self, route: &str) -> rusqlite::Result<Vec<super::OpenMiss>> {
+        let mut st = self.conn.prepare(
+            "SELECT DISTINCT repository, reference, kind, digest FROM misses
+             WHERE route = ?1 AND resolved_at IS NULL AND digest IS NOT NULL",
+        )?;
+        let rows = st.query_map([route], |r| {
+            Ok(super::OpenMiss { repository: r.get(0)?, reference: r.get(1)?, kind: r.get(2)?, digest: r.get(3)? })
+        })?;
+        rows.collect()
+    }
+
     /// Mark the open misses of `route` for these digests as resolved (by `migrate`).
     pub fn resolve_digests(&mut self, route: &str, digests: &[String], by: &str) -> rusqlite::Result<usize> {
         let tx = self.conn.transaction()?;

@@ -499,24 +499,16 @@ pub fn items_from_inventory(text: &str) -> Result<Vec<Item>, String> {
     Ok(out)
 }
 
-/// Items from the ledger: the open misses of a route that have a digest.
-pub fn items_from_ledger(store: &crate::ledger::store::Store, route: &str) -> rusqlite::Result<Vec<Item>> {
-    let mut st = store.conn().prepare(
-        "SELECT DISTINCT repository, reference, kind, digest FROM misses
-         WHERE route = ?1 AND resolved_at IS NULL AND digest IS NOT NULL",
-    )?;
-    let rows = st.query_map([route], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
-    })?;
+/// Items from the ledger's open misses of a route (see [`crate::ledger::Ledger::open_misses`]).
+pub fn items_from_ledger(misses: Vec<crate::ledger::OpenMiss>) -> Vec<Item> {
     let mut set = BTreeSet::new();
-    for row in rows {
-        let (repo, reference, kind, digest) = row?;
-        let (Ok(repository), Ok(digest)) = (repo.parse(), digest.parse()) else { continue };
-        let kind = if kind == "blob" { Kind::Blob } else { Kind::Manifest };
-        let tag = (kind == Kind::Manifest && !reference.contains(':')).then_some(reference);
+    for m in misses {
+        let (Ok(repository), Ok(digest)) = (m.repository.parse(), m.digest.parse()) else { continue };
+        let kind = if m.kind == "blob" { Kind::Blob } else { Kind::Manifest };
+        let tag = (kind == Kind::Manifest && !m.reference.contains(':')).then_some(m.reference);
         set.insert(Item { repository, tag, digest, kind });
     }
-    Ok(set.into_iter().collect())
+    set.into_iter().collect()
 }
 
 #[cfg(test)]
