@@ -86,6 +86,16 @@ fn refresh_gauges(app: &App) {
     let stats = &app.recorder.stats;
     app.metrics.ledger_queue.set(stats.depth() as i64);
     app.metrics.ledger_dropped.set(stats.dropped.load(Ordering::Relaxed) as i64);
+    app.metrics.ledger_writable.set(i64::from(!stats.failing.load(Ordering::Relaxed)));
+    let w = &app.warmer.stats;
+    for (result, n) in [
+        ("warmed", &w.warmed),
+        ("failed", &w.failed),
+        ("dropped", &w.dropped),
+        ("claimed_elsewhere", &w.claimed_elsewhere),
+    ] {
+        app.metrics.warms.get_or_create(&crate::metrics::WarmLabels { result }).set(n.load(Ordering::Relaxed) as i64);
+    }
 }
 
 #[derive(serde::Serialize)]

@@ -38,6 +38,11 @@ pub struct FallbackLabels {
     pub to: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WarmLabels {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub bytes: Family<RouteBackend, Counter>,
@@ -47,6 +52,8 @@ pub struct Metrics {
     pub backend_up: Family<BackendLabel, Gauge>,
     pub ledger_queue: Gauge,
     pub ledger_dropped: Gauge,
+    pub ledger_writable: Gauge,
+    pub warms: Family<WarmLabels, Gauge>,
     pub in_flight: Gauge,
     registry: Registry,
 }
@@ -66,6 +73,8 @@ impl Metrics {
             backend_up: Family::default(),
             ledger_queue: Gauge::default(),
             ledger_dropped: Gauge::default(),
+            ledger_writable: Gauge::default(),
+            warms: Family::default(),
             in_flight: Gauge::default(),
             registry: Registry::with_prefix("regmux"),
         };
@@ -95,6 +104,16 @@ impl Metrics {
         r.register("backend_up", "1 when the backend is in use, 0 when marked down", m.backend_up.clone());
         r.register("ledger_queue_depth", "Ledger events waiting for the writer", m.ledger_queue.clone());
         r.register("ledger_dropped", "Ledger events dropped because the queue was full", m.ledger_dropped.clone());
+        r.register(
+            "ledger_writable",
+            "1 when the ledger's last write succeeded, 0 while the writer retries",
+            m.ledger_writable.clone(),
+        );
+        r.register(
+            "warms",
+            "Background warms by result (warmed, failed, dropped: queue full, claimed_elsewhere: another replica)",
+            m.warms.clone(),
+        );
         r.register("streams_in_flight", "Responses whose body is still being sent", m.in_flight.clone());
         m
     }
