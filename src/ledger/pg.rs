@@ -329,20 +329,23 @@ async fn write_batch(
             "INSERT INTO misses (route, repository, reference, kind, outcome, digest, served_by, count, first_seen, last_seen)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8)
              ON CONFLICT (route, repository, reference, kind, outcome) DO UPDATE SET
-               count = misses.count + 1, last_seen = $8, digest = coalesce($6, misses.digest),
-               served_by = coalesce($7, misses.served_by), resolved_at = NULL, resolved_by = NULL",
+               count = misses.count + 1, last_seen = greatest(misses.last_seen, $8),
+               digest = coalesce($6, misses.digest), served_by = coalesce($7, misses.served_by),
+               resolved_at = CASE WHEN misses.resolved_at >= $8 THEN misses.resolved_at END,
+               resolved_by = CASE WHEN misses.resolved_at >= $8 THEN misses.resolved_by END",
         )
         .await?;
     let resolve = tx
         .prepare(
             "UPDATE misses SET resolved_at = $5, resolved_by = 'target'
-             WHERE route = $1 AND repository = $2 AND reference = $3 AND kind = $4 AND resolved_at IS NULL",
+             WHERE route = $1 AND repository = $2 AND reference = $3 AND kind = $4 AND resolved_at IS NULL
+               AND last_seen <= $5",
         )
         .await?;
     let warmed = tx
         .prepare(
             "UPDATE misses SET resolved_at = $3, resolved_by = 'warm'
-             WHERE route = $1 AND digest = $2 AND resolved_at IS NULL",
+             WHERE route = $1 AND digest = $2 AND resolved_at IS NULL AND last_seen <= $3",
         )
         .await?;
 
@@ -364,7 +367,10 @@ async fn write_batch(
     }))
     .await?;
 
-    // Misses and resolutions depend on their order: send them in order, pipelined.
+    // Misses and resolutions depend on their order: send them in order, pipelined. Across replicas the
+    // order of commits is not the order of events (a replica's miss may commit after another replica's
+    // warm resolved it), so each statement compares times: a miss reopens only a resolution older
+    // than itself, and a resolution closes only misses seen no later than itself.
     let ats: Vec<i64> = events.iter().map(|e| e.at as i64).collect();
     let outcomes: Vec<Option<&str>> = events.iter().map(|e| e.miss.map(|o| o.as_str())).collect();
     let mut ops = Vec::new();

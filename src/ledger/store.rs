@@ -79,17 +79,22 @@ impl Store {
                 "INSERT INTO misses (route, repository, reference, kind, outcome, digest, served_by, count, first_seen, last_seen)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8)
                  ON CONFLICT (route, repository, reference, kind, outcome) DO UPDATE SET
-                   count = count + 1, last_seen = ?8, digest = coalesce(?6, digest),
-                   served_by = coalesce(?7, served_by), resolved_at = NULL, resolved_by = NULL",
+                   count = count + 1, last_seen = max(last_seen, ?8), digest = coalesce(?6, digest),
+                   served_by = coalesce(?7, served_by),
+                   resolved_by = CASE WHEN resolved_at >= ?8 THEN resolved_by END,
+                   resolved_at = CASE WHEN resolved_at >= ?8 THEN resolved_at END",
             )?;
             let mut resolve = tx.prepare_cached(
                 "UPDATE misses SET resolved_at = ?5, resolved_by = 'target'
-                 WHERE route = ?1 AND repository = ?2 AND reference = ?3 AND kind = ?4 AND resolved_at IS NULL",
+                 WHERE route = ?1 AND repository = ?2 AND reference = ?3 AND kind = ?4 AND resolved_at IS NULL
+                   AND last_seen <= ?5",
             )?;
             let mut warmed = tx.prepare_cached(
                 "UPDATE misses SET resolved_at = ?3, resolved_by = 'warm'
-                 WHERE route = ?1 AND digest = ?2 AND resolved_at IS NULL",
+                 WHERE route = ?1 AND digest = ?2 AND resolved_at IS NULL AND last_seen <= ?3",
             )?;
+            // As in the PostgreSQL store: a miss reopens only an older resolution, and a resolution
+            // closes only misses seen no later than itself.
             for e in events {
                 if e.warmed {
                     warmed.execute(params![e.route, e.digest, e.at as i64])?;

@@ -23,6 +23,7 @@
 mod clients;
 mod http;
 mod images;
+mod postgres;
 mod process;
 mod registry;
 mod regmux;
@@ -37,6 +38,7 @@ pub use images::{
     blob_digests, config_digest, corrupt_blob, delete_blob, image, images, layer_digests, manifest_bytes,
     manifest_digest, push, push_with_creds, random_bytes, try_push, BuiltImage, Format,
 };
+pub use postgres::{Postgres, PG_DATABASE, PG_ROLE};
 pub use process::{run, wait_for, ChildGuard};
 pub use registry::{LoggedRequest, Registry, RegistryOpts};
 pub use regmux::{config_header, Regmux};
