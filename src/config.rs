@@ -85,6 +85,8 @@ pub struct LedgerConfig {
     pub path: Option<PathBuf>,
     pub url: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) trusted for the database's TLS (`?sslmode=require`), besides the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -254,6 +256,7 @@ impl Config {
             ("server.tls_key", &self.server.tls_key),
             ("server.htpasswd", &self.server.htpasswd),
             ("ledger.password_file", &self.ledger.password_file),
+            ("ledger.ca_file", &self.ledger.ca_file),
         ] {
             check_file(&mut p, key, file.as_deref());
         }
@@ -261,11 +264,11 @@ impl Config {
             p.push("ledger: set path (SQLite) or url (PostgreSQL), not both".into());
         }
         if let Some(url) = &self.ledger.url {
-            if let Err(e) = crate::ledger::pg::Settings::new(url, None) {
+            if let Err(e) = crate::ledger::pg::Settings::new(url, None, None) {
                 p.push(e);
             }
-        } else if self.ledger.password_file.is_some() {
-            p.push("ledger.password_file: only used with ledger.url".into());
+        } else if self.ledger.password_file.is_some() || self.ledger.ca_file.is_some() {
+            p.push("ledger.password_file and ledger.ca_file: only used with ledger.url".into());
         }
         for (name, b) in &self.backends {
             validate_backend(&mut p, name, b);

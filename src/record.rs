@@ -35,6 +35,8 @@ pub struct Ctx {
     pub attempts: Vec<String>,
     /// The target failed (as opposed to not having it).
     target_failed: bool,
+    /// The target answered that it does not have it.
+    target_missing: bool,
     /// Some backend failed (so "not found" cannot be concluded).
     pub any_failed: bool,
 }
@@ -57,6 +59,7 @@ impl Ctx {
             from_cache: false,
             attempts: Vec::new(),
             target_failed: false,
+            target_missing: false,
             any_failed: false,
         }
     }
@@ -64,6 +67,9 @@ impl Ctx {
     /// A backend did not have it.
     pub fn missing(&mut self, backend: &Backend, what: impl std::fmt::Display) {
         self.attempts.push(format!("{}: {what}", backend.name));
+        if *backend.name == *self.target {
+            self.target_missing = true;
+        }
     }
 
     /// A backend failed to answer.
@@ -187,6 +193,7 @@ impl Ctx {
             }
             // Traffic counts what backends served; an error body is nobody's traffic.
             let served_bytes = if ctx.served_by.is_empty() { 0 } else { bytes };
+            let target_asked = ctx.target_missing || ctx.target_failed;
             recorder.record(Event {
                 at: now_unix(),
                 route: ctx.route,
@@ -197,6 +204,7 @@ impl Ctx {
                 served_by: (!ctx.served_by.is_empty()).then_some(ctx.served_by),
                 bytes: served_bytes,
                 miss,
+                target_asked,
                 warmed: false,
             });
         }));

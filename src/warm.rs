@@ -113,6 +113,7 @@ impl Warmer {
                             served_by: Some(job.target.name.to_string()),
                             bytes: 0,
                             miss: None,
+                            target_asked: true,
                             warmed: true,
                         });
                     }

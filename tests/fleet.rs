@@ -466,6 +466,14 @@ fn three_replicas_share_one_ledger() {
         Some(want_misses.len() as u64),
     );
     c.eq("report: misses with their counts over all replicas", report_misses(&report), want_misses);
+    // Each replica's admin page shows the fleet's figures, not its own share.
+    for (i, rx) in replicas.iter().enumerate() {
+        let page = http("GET", &format!("http://{}/ui/data.json", rx.admin_addr()), &[]);
+        let data: Value = serde_json::from_slice(&page.body).expect("/ui/data.json is JSON");
+        let hub = data["routes"].as_array().and_then(|r| r.iter().find(|r| r["name"] == "hub")).cloned();
+        let ui = hub.map(|h| (h["report"]["requests"].as_u64(), h["report"]["open_misses"].as_u64()));
+        c.eq(&format!("replica {i}: /ui/data.json requests and open misses"), ui, Some((Some(total), Some(4))));
+    }
     c.finish(|| logs_of(&replicas));
 
     // migrate on the shared ledger: the image moves, the misses close.
@@ -748,4 +756,106 @@ fn replicas_started_together_on_an_empty_database_all_come_up() {
         "public.misses,public.traffic,public.warm_claims".to_owned(),
     );
     c.finish(|| logs_of(&replicas));
+}
+
+/// `[ledger] url = "…?sslmode=require"` with `ca_file`: the ledger reaches a PostgreSQL that refuses
+/// connections without TLS, verifying its certificate, with the password from `PGPASSWORD`; a second
+/// replica without the CA cannot write (and says why) yet serves, with its password from `PGPASSFILE`.
+#[test]
+fn tls_to_the_database_and_passwords_from_the_environment() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let lab = Lab::new();
+    let (mut pg, target) = start_pg_and(&lab, || Registry::start(lab.dir("target"), RegistryOpts::plain()));
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.distinguished_name.push(DnType::CommonName, "regmux fleet test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("self-sign CA");
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().expect("server key");
+    let cert = params.signed_by(&key, &*ca).expect("sign server certificate");
+    pg.require_tls(&cert.pem(), &key.serialize_pem());
+    let ca_file = lab.write("ca.pem", ca.pem());
+    push("other", &format!("{}/library/img:1", target.addr()), Format::Oci);
+
+    let config = |ca: Option<&Path>| {
+        let ca = ca.map(|p| format!("ca_file = \"{}\"\n", p.display())).unwrap_or_default();
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [ledger]\nurl = \"{url}?sslmode=require\"\n{ca}\
+             [backends.target]\nurl = \"{t}\"\n\
+             [[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\ndefault = true\nbackends = [\"target\"]\n",
+            url = pg.url(),
+            t = target.url()
+        )
+    };
+    // Replica A: verifies with the CA; password from PGPASSWORD.
+    let dir_a = lab.dir("a");
+    let cfg_a = lab.write("a/regmux.toml", config(Some(&ca_file)));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"]).arg(&cfg_a).env("PGPASSWORD", pg.password()).env_remove("PGPASSFILE");
+    let a = Regmux::spawn(cmd, &cfg_a);
+    // Replica B: no CA (the system roots do not know it); password from a libpq password file.
+    let passfile = lab.write("pgpass", format!("127.0.0.1:{}:regmux:regmux:{}\n", pg.port(), pg.password()));
+    let cfg_b = lab.write("b/regmux.toml", config(None));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"]).arg(&cfg_b).env("PGPASSFILE", &passfile).env_remove("PGPASSWORD");
+    let b = Regmux::spawn(cmd, &cfg_b);
+    let _ = dir_a;
+
+    let mut sent_a = Tally::default();
+    pull_raw(&a.url(), "library/img", "1", "other", &mut sent_a);
+    let mut sent_b = Tally::default();
+    pull_raw(&b.url(), "library/img", "1", "other", &mut sent_b);
+
+    let mut c = Checks::default();
+    // The report, read by the CLI over TLS with the CA and PGPASSWORD, holds A's traffic.
+    let report = wait_for("replica A's records in the ledger", Duration::from_secs(10), || {
+        let out = run(
+            Command::new(BIN)
+                .args(["misses", "--config"])
+                .arg(&cfg_a)
+                .args(["--format", "json"])
+                .env("PGPASSWORD", pg.password()),
+            Duration::from_secs(60),
+        );
+        let reports = json_of(&out);
+        let hub = reports.as_array()?.iter().find(|r| r["route"] == "hub")?.clone();
+        (hub["requests"].as_u64() >= Some(sent_a.requests)).then_some(hub)
+    });
+    c.eq("report over TLS: A's requests", report_requests(&report), sent_a.requests);
+    c.eq("report over TLS: A's bytes", report["bytes"].as_u64(), Some(sent_a.bytes));
+    let (status, body) = readyz(&a.admin_addr());
+    c.that("A: /readyz 200 with ledger ok", status == 200 && body["ledger"] == "ok", (status, &body));
+    // B cannot verify the server: it keeps serving, holds its records and says why.
+    let (status, body) = wait_for("B's /readyz to show the ledger unavailable", Duration::from_secs(10), || {
+        let (status, body) = readyz(&b.admin_addr());
+        body["ledger"].as_str().is_some_and(|l| l.starts_with("unavailable")).then_some((status, body))
+    });
+    c.that("B: /readyz stays 200 and ready", status == 200 && body["ready"] == true, (status, &body));
+    c.that("B: its pulls succeeded", sent_b.requests > 0, sent_b.requests);
+    c.that(
+        "B: the log names the certificate problem",
+        b.logs().to_lowercase().contains("certificate"),
+        b.logs().lines().filter(|l| l.contains("ledger")).collect::<Vec<_>>(),
+    );
+    // Without TLS the server refuses regmux outright.
+    let plain = config(Some(&ca_file)).replace("?sslmode=require", "?sslmode=disable");
+    let cfg_plain = lab.write("plain/regmux.toml", plain);
+    let out = run(
+        Command::new(BIN).args(["misses", "--config"]).arg(&cfg_plain).env("PGPASSWORD", pg.password()),
+        Duration::from_secs(60),
+    );
+    c.that(
+        "sslmode=disable: refused by the server (hostnossl reject)",
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no encryption"),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    c.finish(|| logs_of(&[a, b]));
 }

@@ -70,6 +70,10 @@ pub struct Event {
     pub bytes: u64,
     /// `None` when the target served it (which resolves an open miss for the same object).
     pub miss: Option<Outcome>,
+    /// The target was asked and lacked it or failed. A miss where it was not asked (the shadow phase:
+    /// the old mirror first) does not reopen a miss that warming or migrate resolved, since those
+    /// verified that the target holds the object.
+    pub target_asked: bool,
     /// Background warming brought the object (`digest`) into the target: resolves its misses, counts
     /// no traffic.
     pub warmed: bool,
@@ -130,7 +134,8 @@ impl Location {
     pub fn from_config(c: &crate::config::LedgerConfig) -> Result<Option<Location>, String> {
         match (&c.path, &c.url) {
             (_, Some(url)) => {
-                Ok(Some(Location::Postgres(Box::new(pg::Settings::new(url, c.password_file.as_deref())?))))
+                let settings = pg::Settings::new(url, c.password_file.as_deref(), c.ca_file.as_deref())?;
+                Ok(Some(Location::Postgres(Box::new(settings))))
             }
             (Some(p), None) => Ok(Some(Location::Sqlite(p.clone()))),
             (None, None) => Ok(None),

@@ -9,7 +9,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateDer;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::try_join_all;
@@ -19,6 +23,7 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::report::{share, BackendTraffic, HourShare, Miss, RouteReport};
 use super::{Event, OpenMiss};
+use crate::backend::tls::LazyVerifier;
 
 /// How long connecting, and each query, may take before the attempt counts as failed.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,6 +77,7 @@ pub struct Settings {
     config: Config,
     /// The URL without its password, for logs and the admin page.
     pub display: String,
+    verifier: Arc<LazyVerifier>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -83,7 +89,7 @@ impl std::fmt::Debug for Settings {
 impl Settings {
     /// Parse the URL and find the password: in the URL, else `password_file`, else `PGPASSWORD`, else
     /// the password file of `PGPASSFILE` (or `~/.pgpass`), as libpq does.
-    pub fn new(url: &str, password_file: Option<&Path>) -> Result<Settings, String> {
+    pub fn new(url: &str, password_file: Option<&Path>, ca_file: Option<&Path>) -> Result<Settings, String> {
         let mut config: Config = url.parse().map_err(|e| format!("ledger.url: {e}"))?;
         if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
             return Err("ledger.url: expected postgres://user@host:port/database".into());
@@ -108,15 +114,29 @@ impl Settings {
         config.connect_timeout(TIMEOUT);
         config.application_name("regmux");
         let display = redact(url);
-        Ok(Settings { config, display })
+        let verifier = match ca_file {
+            None => LazyVerifier::shared(),
+            Some(f) => {
+                let err = |e: String| format!("ledger.ca_file {}: {e}", f.display());
+                let certs = CertificateDer::pem_file_iter(f)
+                    .map_err(|e| err(e.to_string()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| err(e.to_string()))?;
+                if certs.is_empty() {
+                    return Err(err("no PEM certificate in it".into()));
+                }
+                Arc::new(LazyVerifier::new(certs))
+            }
+        };
+        Ok(Settings { config, display, verifier })
     }
 
     fn tls(&self) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, String> {
         if self.config.get_ssl_mode() != SslMode::Require {
             return Ok(None);
         }
-        let mut tls = crate::backend::tls::client_config(crate::backend::tls::LazyVerifier::shared())
-            .map_err(|e| format!("ledger TLS: {e}"))?;
+        let mut tls =
+            crate::backend::tls::client_config(self.verifier.clone()).map_err(|e| format!("ledger TLS: {e}"))?;
         tls.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls)))
     }
@@ -125,12 +145,12 @@ impl Settings {
     pub async fn connect(&self) -> Result<Client, String> {
         let client = match self.tls()? {
             Some(tls) => {
-                let (client, conn) = self.config.connect(tls).await.map_err(|e| e.to_string())?;
+                let (client, conn) = self.config.connect(tls).await.map_err(|e| chain(&e))?;
                 tokio::spawn(conn);
                 client
             }
             None => {
-                let (client, conn) = self.config.connect(NoTls).await.map_err(|e| e.to_string())?;
+                let (client, conn) = self.config.connect(NoTls).await.map_err(|e| chain(&e))?;
                 tokio::spawn(conn);
                 client
             }
@@ -152,8 +172,24 @@ impl Settings {
             .wait_timeout(Some(TIMEOUT))
             .recycle_timeout(Some(TIMEOUT))
             .build()
-            .map_err(|e| e.to_string())
+            .map_err(|e| chain(&e))
     }
+}
+
+/// An error with its causes (`error performing TLS handshake: invalid peer certificate: UnknownIssuer`):
+/// tokio-postgres and deadpool put the useful part in the source chain.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user@host/db`.
@@ -255,13 +291,13 @@ impl Writer {
             tokio::time::timeout(TIMEOUT * 2, write_batch(c, id, seq, batch))
                 .await
                 .map_err(|_| "write: timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| chain(&e))?;
             let now = super::now_unix();
             if now >= *last_cleanup + 3600 {
                 // Batch numbers only matter while a retry is possible; keep a day of them.
                 c.execute("DELETE FROM ledger_batches WHERE at < $1", &[&((now - 86_400) as i64)])
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| chain(&e))?;
                 *last_cleanup = now;
             }
             Ok(())
@@ -288,7 +324,7 @@ async fn ensure_connected<'c>(settings: &Settings, client: &'c mut Option<Client
         tokio::time::timeout(TIMEOUT, migrate_schema(&mut c))
             .await
             .map_err(|_| "schema: timed out".to_owned())?
-            .map_err(|e| format!("schema: {e}"))?;
+            .map_err(|e| format!("schema: {}", chain(&e)))?;
         *client = Some(c);
     }
     Ok(client.as_mut().expect("connected above"))
@@ -331,8 +367,10 @@ async fn write_batch(
              ON CONFLICT (route, repository, reference, kind, outcome) DO UPDATE SET
                count = misses.count + 1, last_seen = greatest(misses.last_seen, $8),
                digest = coalesce($6, misses.digest), served_by = coalesce($7, misses.served_by),
-               resolved_at = CASE WHEN misses.resolved_at >= $8 THEN misses.resolved_at END,
-               resolved_by = CASE WHEN misses.resolved_at >= $8 THEN misses.resolved_by END",
+               resolved_at = CASE WHEN misses.resolved_at >= $8
+                   OR (NOT $9 AND misses.resolved_by IN ('warm', 'migrate')) THEN misses.resolved_at END,
+               resolved_by = CASE WHEN misses.resolved_at >= $8
+                   OR (NOT $9 AND misses.resolved_by IN ('warm', 'migrate')) THEN misses.resolved_by END",
         )
         .await?;
     let resolve = tx
@@ -380,7 +418,17 @@ async fn write_batch(
         } else if !matches!(e.kind, "manifest" | "blob") {
             continue;
         } else if let Some(outcome) = &outcomes[i] {
-            vec![&e.route, &e.repository, &e.reference, &e.kind, outcome, &e.digest, &e.served_by, &ats[i]]
+            vec![
+                &e.route,
+                &e.repository,
+                &e.reference,
+                &e.kind,
+                outcome,
+                &e.digest,
+                &e.served_by,
+                &ats[i],
+                &e.target_asked,
+            ]
         } else {
             vec![&e.route, &e.repository, &e.reference, &e.kind, &ats[i]]
         };
@@ -420,16 +468,16 @@ impl Db {
 }
 
 async fn client(db: &Db) -> Result<deadpool_postgres::Client, Error> {
-    let mut c = db.pool.get().await.map_err(|e| format!("ledger database: {e}"))?;
+    let mut c = db.pool.get().await.map_err(|e| format!("ledger database: {}", chain(&e)))?;
     db.schema
-        .get_or_try_init(|| async { migrate_schema(&mut c).await.map_err(|e| format!("ledger schema: {e}")) })
+        .get_or_try_init(|| async { migrate_schema(&mut c).await.map_err(|e| format!("ledger schema: {}", chain(&e))) })
         .await?;
     Ok(c)
 }
 
 pub async fn route_report(db: &Db, route: &str, target: &str, since: u64, limit: usize) -> Result<RouteReport, Error> {
     let c = client(db).await?;
-    let e = |e: tokio_postgres::Error| e.to_string();
+    let e = |e: tokio_postgres::Error| chain(&e);
     let since_hour = (since / 3600 * 3600) as i64;
     let backends: Vec<BackendTraffic> = c
         .query(
@@ -507,7 +555,7 @@ pub async fn open_misses(db: &Db, route: &str) -> Result<Vec<OpenMiss>, Error> {
             &[&route],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     Ok(rows
         .iter()
         .map(|r| OpenMiss { repository: r.get(0), reference: r.get(1), kind: r.get(2), digest: r.get(3) })
@@ -516,21 +564,21 @@ pub async fn open_misses(db: &Db, route: &str) -> Result<Vec<OpenMiss>, Error> {
 
 pub async fn resolve_digests(db: &Db, route: &str, digests: &[String], by: &str) -> Result<usize, Error> {
     let mut c = client(db).await?;
-    let tx = c.transaction().await.map_err(|e| e.to_string())?;
+    let tx = c.transaction().await.map_err(|e| chain(&e))?;
     let now = super::now_unix() as i64;
     let st = tx
         .prepare(
             "UPDATE misses SET resolved_at = $3, resolved_by = $4 WHERE route = $1 AND digest = $2 AND resolved_at IS NULL",
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     let counts = try_join_all(digests.iter().map(|d| {
         let params: [&(dyn ToSql + Sync); 4] = [&route, d, &now, &by];
         tx.execute_raw(&st, params)
     }))
     .await
-    .map_err(|e| e.to_string())?;
-    tx.commit().await.map_err(|e| e.to_string())?;
+    .map_err(|e| chain(&e))?;
+    tx.commit().await.map_err(|e| chain(&e))?;
     Ok(counts.iter().sum::<u64>() as usize)
 }
 
@@ -549,7 +597,7 @@ pub async fn claim_warm(db: &Db, target: &str, digest: &str, valid_for: Duration
             &[&target, &digest, &now, &db.me, &expired],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     Ok(row.is_some())
 }
 
@@ -561,7 +609,7 @@ pub async fn release_warm(db: &Db, target: &str, digest: &str) -> Result<(), Err
         &[&target, &digest, &db.me],
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| chain(&e))?;
     Ok(())
 }
 
@@ -586,9 +634,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pw");
         std::fs::write(&f, "s3cret\n").unwrap();
-        let s = Settings::new("postgres://regmux@127.0.0.1:5432/regmux", Some(&f)).unwrap();
+        let s = Settings::new("postgres://regmux@127.0.0.1:5432/regmux", Some(&f), None).unwrap();
         assert_eq!(s.config.get_password(), Some(&b"s3cret"[..]));
-        assert!(Settings::new("postgres://127.0.0.1/regmux", None).is_err(), "a user is required");
-        assert!(Settings::new("mysql://u@h/d", None).is_err());
+        assert!(Settings::new("postgres://127.0.0.1/regmux", None, None).is_err(), "a user is required");
+        assert!(Settings::new("mysql://u@h/d", None, None).is_err());
     }
 }

@@ -268,8 +268,35 @@ mod tests {
             served_by: served_by.map(Into::into),
             bytes,
             miss,
+            target_asked: true,
             warmed: false,
         }
+    }
+
+    #[test]
+    fn verified_resolutions_hold_against_misses_that_did_not_ask_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("l.db")).unwrap();
+        let shadow = |at: u64, asked: bool| Event {
+            at,
+            target_asked: asked,
+            ..ev("hub", "sha256:b", Some("old"), 100, Some(Outcome::Fallback))
+        };
+        let warmed = |at: u64| Event { at, warmed: true, miss: None, ..ev("hub", "sha256:b", Some("t"), 0, None) };
+        s.apply(&[shadow(100, false), warmed(101)]).unwrap();
+        assert_eq!(route_report(&s, "hub", "t", 0, 10).unwrap().open_misses, 0);
+        // The old mirror served it again without the target being asked: the warm still stands.
+        s.apply(&[shadow(200, false)]).unwrap();
+        assert_eq!(route_report(&s, "hub", "t", 0, 10).unwrap().open_misses, 0);
+        // A miss committed late (from before the warm) does not reopen it either, asked or not.
+        s.apply(&[shadow(100, true)]).unwrap();
+        assert_eq!(route_report(&s, "hub", "t", 0, 10).unwrap().open_misses, 0);
+        // The target was asked after the warm and lacked it: open again.
+        s.apply(&[shadow(300, true)]).unwrap();
+        assert_eq!(route_report(&s, "hub", "t", 0, 10).unwrap().open_misses, 1);
+        // A resolution older than the last miss does not close it.
+        s.apply(&[Event { at: 250, ..ev("hub", "sha256:b", Some("t"), 100, None) }]).unwrap();
+        assert_eq!(route_report(&s, "hub", "t", 0, 10).unwrap().open_misses, 1);
     }
 
     #[test]

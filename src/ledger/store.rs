@@ -81,8 +81,10 @@ impl Store {
                  ON CONFLICT (route, repository, reference, kind, outcome) DO UPDATE SET
                    count = count + 1, last_seen = max(last_seen, ?8), digest = coalesce(?6, digest),
                    served_by = coalesce(?7, served_by),
-                   resolved_by = CASE WHEN resolved_at >= ?8 THEN resolved_by END,
-                   resolved_at = CASE WHEN resolved_at >= ?8 THEN resolved_at END",
+                   resolved_by = CASE WHEN resolved_at >= ?8
+                       OR (NOT ?9 AND resolved_by IN ('warm', 'migrate')) THEN resolved_by END,
+                   resolved_at = CASE WHEN resolved_at >= ?8
+                       OR (NOT ?9 AND resolved_by IN ('warm', 'migrate')) THEN resolved_at END",
             )?;
             let mut resolve = tx.prepare_cached(
                 "UPDATE misses SET resolved_at = ?5, resolved_by = 'target'
@@ -115,7 +117,8 @@ impl Store {
                             outcome.as_str(),
                             e.digest,
                             e.served_by,
-                            e.at as i64
+                            e.at as i64,
+                            e.target_asked
                         ])?;
                     }
                     None => {

@@ -135,6 +135,42 @@ impl Postgres {
         }
     }
 
+    /// Serve TLS with this certificate and key (PEM) and refuse every TCP connection without TLS
+    /// (`hostnossl … reject` first in `pg_hba.conf`); restarts the server. The unix socket, which the
+    /// harness's `psql` uses, is unaffected.
+    pub fn require_tls(&mut self, cert_pem: &str, key_pem: &str) {
+        let data = self.data_dir();
+        for (name, text, mode) in [("server.crt", cert_pem, 0o644), ("server.key", key_pem, 0o600)] {
+            let path = data.join(name);
+            fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod TLS file");
+            if let Some((uid, gid)) = self.owner {
+                chown(&path, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str(
+            "
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+",
+        );
+        fs::write(&conf, text).expect("write postgresql.conf");
+        let hba = data.join("pg_hba.conf");
+        let text = fs::read_to_string(&hba).expect("read pg_hba.conf");
+        fs::write(
+            &hba,
+            format!(
+                "hostnossl all all 0.0.0.0/0 reject
+{text}"
+            ),
+        )
+        .expect("write pg_hba.conf");
+        self.restart();
+    }
+
     /// Runs `sql` as the superuser over the unix socket against database `regmux`, unaligned and
     /// tuples-only (`-At`): one row per line, columns separated by `|`. Returns stdout without its final
     /// newline; panics with psql's stderr on failure.
