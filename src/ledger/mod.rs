@@ -407,3 +407,48 @@ fn write_loop(mut sink: Sink, rx: Receiver<Event>, stats: &Stats) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(i: u64) -> Event {
+        Event {
+            at: now_unix(),
+            route: "hub".into(),
+            repository: "library/alpine".into(),
+            reference: format!("v{i}"),
+            kind: "manifest",
+            digest: None,
+            served_by: None,
+            bytes: 0,
+            miss: Some(Outcome::Absent),
+            target_asked: true,
+            warmed: false,
+        }
+    }
+
+    /// A database that never answers: the queue holds QUEUE_CAPACITY events, drops and counts the
+    /// rest, and `record` never waits.
+    #[test]
+    fn an_unreachable_database_fills_the_queue_then_drops_and_counts() {
+        // Port 1 on loopback: nothing listens, every connect is refused at once.
+        let settings = pg::Settings::new("postgres://regmux:pw@127.0.0.1:1/regmux", None, None).unwrap();
+        let recorder = Recorder::open(&Location::Postgres(Box::new(settings))).unwrap();
+        let extra = 1_000;
+        let started = Instant::now();
+        for i in 0..(QUEUE_CAPACITY as u64 + extra) {
+            recorder.record(event(i));
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "record must not wait: {:?}", started.elapsed());
+        let stats = &recorder.stats;
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), extra);
+        assert_eq!(stats.depth(), QUEUE_CAPACITY as u64);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stats.failing.load(Ordering::Relaxed) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(stats.failing.load(Ordering::Relaxed), "the writer reports the failure");
+        assert_eq!(stats.written.load(Ordering::Relaxed), 0);
+    }
+}
