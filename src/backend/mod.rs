@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod health;
 pub mod tls;
+pub mod transport;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -30,7 +31,10 @@ pub struct Backend {
     /// `scheme://host[:port]`, no trailing slash.
     base: String,
     prefix: Option<RepoName>,
+    /// Tokens and health probes.
     client: reqwest::Client,
+    /// Every request to the registry API itself (see [`transport`]).
+    transport: transport::Transport,
     credentials: Option<Credentials>,
     timeout: Duration,
     /// The last challenge seen, so that later requests authenticate up front instead of paying a 401
@@ -62,6 +66,12 @@ pub enum Answer {
 pub enum FetchError {
     #[error("connection: {0}")]
     Connect(#[source] reqwest::Error),
+    #[error("connection: {}", chain(.0))]
+    Transport(#[source] hyper_util::client::legacy::Error),
+    #[error("more than {0} redirects")]
+    TooManyRedirects(usize),
+    #[error("the backend sent an unusable Location")]
+    BadLocation,
     #[error("no response headers within {0:?}")]
     Timeout(Duration),
     #[error("answered {0}")]
@@ -80,7 +90,12 @@ impl FetchError {
     /// Whether this says something about the backend's health (as opposed to, say, a name too long).
     pub fn is_backend_fault(&self) -> bool {
         match self {
-            FetchError::Connect(_) | FetchError::Timeout(_) | FetchError::Token(_) => true,
+            FetchError::Connect(_)
+            | FetchError::Transport(_)
+            | FetchError::Timeout(_)
+            | FetchError::Token(_)
+            | FetchError::TooManyRedirects(_)
+            | FetchError::BadLocation => true,
             FetchError::Status(s) => s.is_server_error(),
             FetchError::Unauthorized | FetchError::NameTooLong | FetchError::ForeignLocation => false,
         }
@@ -134,8 +149,11 @@ impl Backend {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true);
+        let transport_tls;
         if cfg.insecure_skip_verify {
             builder = builder.tls_danger_accept_invalid_certs(true);
+            transport_tls =
+                tls::insecure_client_config().map_err(|source| BuildError::Tls { name: name.into(), source })?;
         } else {
             let verifier = match &cfg.ca_file {
                 None => tls::LazyVerifier::shared(),
@@ -157,8 +175,13 @@ impl Backend {
             };
             let config =
                 tls::client_config(verifier).map_err(|source| BuildError::Tls { name: name.into(), source })?;
+            // hyper-rustls sets the ALPN protocols itself.
+            let mut without_alpn = config.clone();
+            without_alpn.alpn_protocols.clear();
+            transport_tls = without_alpn;
             builder = builder.use_preconfigured_tls(config);
         }
+        let transport = transport::Transport::new(transport_tls, cfg.connect_timeout(), cfg.timeout(), cfg.redirects);
         let client = builder.build().map_err(|source| BuildError::Client { name: name.into(), source })?;
         Ok(Backend {
             name: name.into(),
@@ -168,6 +191,7 @@ impl Backend {
             base: cfg.url.trim_end_matches('/').to_owned(),
             prefix: cfg.prefix.as_deref().and_then(|p| p.parse().ok()),
             client,
+            transport,
             credentials,
             timeout: cfg.timeout(),
             challenge: RwLock::new(None),
@@ -336,22 +360,7 @@ impl Backend {
         authorization: Option<&Secret>,
         body: Option<bytes::Bytes>,
     ) -> Result<reqwest::Response, FetchError> {
-        let mut req = self.client.request(method.clone(), url);
-        if let Some(b) = body {
-            req = req.body(b);
-        }
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        if let Some(a) = authorization {
-            req = req.header(http::header::AUTHORIZATION, &*a.0);
-        }
-        match tokio::time::timeout(self.timeout, req.send()).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) if e.is_timeout() => Err(FetchError::Timeout(self.timeout)),
-            Ok(Err(e)) => Err(FetchError::Connect(e)),
-            Err(_) => Err(FetchError::Timeout(self.timeout)),
-        }
+        self.transport.send(method, url, headers, authorization, body).await
     }
 
     /// The `Authorization` value for `scope`, from the last challenge: Basic with the credentials, or a
@@ -377,6 +386,19 @@ impl Backend {
             }
         }
     }
+}
+
+/// An error with its causes: hyper-util's client error says "client error (Connect)" and keeps the
+/// reason (refused, TLS, DNS) in its sources.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn classify(resp: reqwest::Response, redirects: Redirects) -> Answer {
