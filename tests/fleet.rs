@@ -859,3 +859,66 @@ fn tls_to_the_database_and_passwords_from_the_environment() {
     );
     c.finish(|| logs_of(&[a, b]));
 }
+
+/// A slow database (the `traffic` table locked for 4 s by another session, so the writer's batch
+/// waits) slows no pull: every request answers well inside that time, records wait in the queue, and
+/// all of them are in the ledger once the lock is gone.
+#[test]
+fn a_slow_database_slows_no_pull() {
+    let lab = Lab::new();
+    let (pg, target) = start_pg_and(&lab, || Registry::start(lab.dir("target"), RegistryOpts::plain()));
+    push("small", &format!("{}/library/img:1", target.addr()), Format::Oci);
+    let old = Registry::start(lab.dir("old"), RegistryOpts::plain());
+    let config = fleet_config(&pg_header(&lab, &pg), &target, &old, "backends = [\"target\"]");
+    let rx = Regmux::start(BIN, lab.dir("regmux"), &config);
+    let (admin, cfg, base) = (rx.admin_addr(), rx.config_path().to_owned(), rx.url());
+    let layer = config_digest("small");
+    let get = |sent: &mut u64| {
+        let started = Instant::now();
+        let r = http("GET", &format!("{base}/v2/library/img/blobs/{layer}"), &[]);
+        assert!(r.status == 200 && r.body_digest() == layer, "pull: {} {}", r.status, r.text());
+        *sent += 1;
+        started.elapsed()
+    };
+    let mut sent = 0;
+    get(&mut sent);
+    wait_report_requests(&cfg, sent, Duration::from_secs(10));
+
+    let lock_for = Duration::from_secs(4);
+    let slowest = thread::scope(|s| {
+        // One session takes the lock, holds it for `lock_for`, and commits.
+        let pg = &pg;
+        let holder = s.spawn(move || {
+            pg.psql(&format!(
+                "BEGIN; LOCK TABLE traffic IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({}); COMMIT;",
+                lock_for.as_secs()
+            ))
+        });
+        wait_for("the lock on traffic to be held", Duration::from_secs(5), || {
+            (pg.psql(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                      WHERE c.relname = 'traffic' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+            ) == "1")
+                .then_some(())
+        });
+        let started = Instant::now();
+        let mut slowest = Duration::ZERO;
+        while started.elapsed() < lock_for - Duration::from_secs(1) {
+            slowest = slowest.max(get(&mut sent));
+        }
+        let depth = metric(&admin, "regmux_ledger_queue_depth");
+        assert!(depth.is_some_and(|d| d > 0.0), "records wait while the database is slow: {depth:?}");
+        holder.join().expect("lock holder");
+        slowest
+    });
+    let report = wait_report_requests(&cfg, sent, Duration::from_secs(20));
+    let mut c = Checks::default();
+    c.that(
+        "no pull waited for the database (slowest under 1 s while it was locked 4 s)",
+        slowest < Duration::from_secs(1),
+        slowest,
+    );
+    c.eq("report: every request, once", report_requests(&report), sent);
+    c.eq("regmux_ledger_dropped", metric(&admin, "regmux_ledger_dropped"), Some(0.0));
+    c.finish(|| rx.logs());
+}
