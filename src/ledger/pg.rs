@@ -294,10 +294,11 @@ impl Writer {
                 .map_err(|e| chain(&e))?;
             let now = super::now_unix();
             if now >= *last_cleanup + 3600 {
-                // Batch numbers only matter while a retry is possible; keep a day of them.
-                c.execute("DELETE FROM ledger_batches WHERE at < $1", &[&((now - 86_400) as i64)])
-                    .await
-                    .map_err(|e| chain(&e))?;
+                // Batch numbers only matter while a retry is possible, and a warm claim only for
+                // DEDUP_FOR (10 min); keep a day of both.
+                let day_ago = (now - 86_400) as i64;
+                c.execute("DELETE FROM ledger_batches WHERE at < $1", &[&day_ago]).await.map_err(|e| chain(&e))?;
+                c.execute("DELETE FROM warm_claims WHERE claimed_at < $1", &[&day_ago]).await.map_err(|e| chain(&e))?;
                 *last_cleanup = now;
             }
             Ok(())
