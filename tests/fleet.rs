@@ -83,6 +83,18 @@ fn start_pg_and<T: Send>(lab: &Lab, others: impl FnOnce() -> T + Send) -> (Postg
     })
 }
 
+/// PostgreSQL, a target registry and an old mirror (both empty), started side by side.
+fn start_pg_target_old(lab: &Lab) -> (Postgres, Registry, Registry) {
+    let (pg, (target, old)) = start_pg_and(lab, || {
+        thread::scope(|s| {
+            let t = s.spawn(|| Registry::start(lab.dir("target"), RegistryOpts::plain()));
+            let o = s.spawn(|| Registry::start(lab.dir("old"), RegistryOpts::plain()));
+            (t.join().expect("target registry"), o.join().expect("old registry"))
+        })
+    });
+    (pg, target, old)
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The CLI and the report
 
@@ -299,34 +311,6 @@ fn metric(admin: &str, name: &str) -> Option<f64> {
     })
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Collected checks
-
-#[derive(Default)]
-struct Checks {
-    failures: Vec<String>,
-}
-
-impl Checks {
-    fn eq<T: PartialEq + Debug>(&mut self, what: &str, got: T, want: T) {
-        if got != want {
-            self.failures.push(format!("{what}:\n    got:  {got:?}\n    want: {want:?}"));
-        }
-    }
-
-    fn that(&mut self, what: &str, ok: bool, detail: impl Debug) {
-        if !ok {
-            self.failures.push(format!("{what}: {detail:?}"));
-        }
-    }
-
-    fn finish(self, context: impl FnOnce() -> String) {
-        if !self.failures.is_empty() {
-            panic!("{} check(s) failed:\n- {}\n\n{}", self.failures.len(), self.failures.join("\n- "), context());
-        }
-    }
-}
-
 fn logs_of(replicas: &[Regmux]) -> String {
     replicas
         .iter()
@@ -387,13 +371,7 @@ fn postgres_harness_starts_stops_and_restarts() {
 #[test]
 fn three_replicas_share_one_ledger() {
     let lab = Lab::new();
-    let (pg, (target, old)) = start_pg_and(&lab, || {
-        thread::scope(|s| {
-            let t = s.spawn(|| Registry::start(lab.dir("target"), RegistryOpts::plain()));
-            let o = s.spawn(|| Registry::start(lab.dir("old"), RegistryOpts::plain()));
-            (t.join().expect("target registry"), o.join().expect("old registry"))
-        })
-    });
+    let (pg, target, old) = start_pg_target_old(&lab);
     thread::scope(|s| {
         // alpine: only the old mirror has it (every pull is a fallback); both: the target has it too.
         s.spawn(|| push("small", &format!("{}/library/alpine:3.19", old.addr()), Format::V2s2));
@@ -707,13 +685,7 @@ fn database_outage_loses_no_pull_and_no_record() {
 #[test]
 fn replicas_started_together_on_an_empty_database_all_come_up() {
     let lab = Lab::new();
-    let (pg, (target, old)) = start_pg_and(&lab, || {
-        thread::scope(|s| {
-            let t = s.spawn(|| Registry::start(lab.dir("target"), RegistryOpts::plain()));
-            let o = s.spawn(|| Registry::start(lab.dir("old"), RegistryOpts::plain()));
-            (t.join().expect("target registry"), o.join().expect("old registry"))
-        })
-    });
+    let (pg, target, old) = start_pg_target_old(&lab);
     assert_eq!(
         pg.psql("select count(*) from pg_tables where schemaname not in ('pg_catalog', 'information_schema')"),
         "0",

@@ -248,41 +248,6 @@ fn row<'a>(rows: &'a [MissRow], repository: &str, reference: &str, kind: &str, o
         .find(|r| r.repository == repository && r.reference == reference && r.kind == kind && r.outcome == outcome)
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Checks collected and reported together
-
-#[derive(Default)]
-struct Checks {
-    failures: Vec<String>,
-}
-
-impl Checks {
-    fn eq<T: PartialEq + Debug>(&mut self, what: &str, got: T, want: T) {
-        if got != want {
-            self.failures.push(format!("{what}:\n    got:  {got:?}\n    want: {want:?}"));
-        }
-    }
-
-    fn that(&mut self, what: &str, ok: bool, detail: impl Debug) {
-        if !ok {
-            self.failures.push(format!("{what}: {detail:?}"));
-        }
-    }
-
-    fn close(&mut self, what: &str, got: f64, want: f64) {
-        if (got - want).abs() > 0.051 {
-            self.failures.push(format!("{what}: got {got}, want {want}"));
-        }
-    }
-
-    /// Panics listing every failed check (with `context`, e.g. regmux's log tail) if there is any.
-    fn finish(self, context: impl FnOnce() -> String) {
-        if !self.failures.is_empty() {
-            panic!("{} check(s) failed:\n- {}\n\n{}", self.failures.len(), self.failures.join("\n- "), context());
-        }
-    }
-}
-
 /// A share as regmux reports it: percent with one decimal; 100 when there was no traffic.
 fn share(part: u64, total: u64) -> f64 {
     if total == 0 {
@@ -1261,7 +1226,7 @@ fn ui_page_renders_shares_misses_and_backend_state_in_chromium() {
         assert!(out.status.success(), "chromium --dump-dom {url}: {}", String::from_utf8_lossy(&out.stderr));
         let html = String::from_utf8_lossy(&out.stdout).into_owned();
         let doc = dom::parse(&html);
-        let failures_before = c.failures.len();
+        let failures_before = c.failed();
         let status = doc.find(&|n| n.attr("id") == Some("status")).map(|n| n.text()).unwrap_or_default();
         c.that(&format!("{path}: the page loaded its data (#status)"), status.starts_with("ledger "), &status);
         for (route, misses) in &expectations {
@@ -1317,7 +1282,7 @@ fn ui_page_renders_shares_misses_and_backend_state_in_chromium() {
                 );
             }
         }
-        if c.failures.len() > failures_before {
+        if c.failed() > failures_before {
             doms.push(format!("rendered DOM of {path}:\n{html}"));
         }
     }

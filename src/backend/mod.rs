@@ -388,14 +388,18 @@ impl Backend {
     }
 }
 
-/// An error with its causes: hyper-util's client error says "client error (Connect)" and keeps the
-/// reason (refused, TLS, DNS) in its sources.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`):
+/// hyper-util, tokio-postgres and deadpool keep the useful part in the source chain. A cause whose text
+/// its parent already ends with is not repeated.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = s.source();
     }
     out

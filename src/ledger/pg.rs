@@ -23,6 +23,7 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::report::{share, BackendTraffic, HourShare, Miss, RouteReport};
 use super::{Event, OpenMiss};
+use crate::backend::chain;
 use crate::backend::tls::LazyVerifier;
 
 /// How long connecting, and each query, may take before the attempt counts as failed.
@@ -174,22 +175,6 @@ impl Settings {
             .build()
             .map_err(|e| chain(&e))
     }
-}
-
-/// An error with its causes (`error performing TLS handshake: invalid peer certificate: UnknownIssuer`):
-/// tokio-postgres and deadpool put the useful part in the source chain.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user@host/db`.

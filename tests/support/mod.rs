@@ -20,6 +20,7 @@
 
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
+mod checks;
 mod clients;
 mod http;
 mod images;
@@ -29,6 +30,7 @@ mod registry;
 mod regmux;
 mod token;
 
+pub use checks::Checks;
 pub use clients::{
     skopeo_copy_via_mirror, write_hosts_toml, write_registries_conf, Containerd, Dockerd, EtcHostsGuard,
     DOCKER_HUB_NAMES,
