@@ -12,12 +12,14 @@
 //! - [`route`] picks the route: containerd's `ns` parameter, a registry-name path prefix, the `Host`
 //!   header, the default route.
 //! - [`backend`] is one upstream registry: its path prefix, its authentication (Basic, or bearer tokens
-//!   cached per scope) and a fetch that answers Found, Missing or Failed.
+//!   cached per scope) and a fetch that answers Found, Missing or Failed, over a pooled hyper client
+//!   whose read buffers are bounded (`backend::transport`).
 //! - [`body`] streams a backend's body to the client with back-pressure, hashing blobs as they pass and
 //!   holding back the last chunk until the digest matches.
 //! - [`listing`] merges `tags/list` and `_catalog` across backends.
 //! - [`ledger`] records, off the request path, what each route's migration target could not serve
-//!   and how much traffic each backend carried; `regmux misses` reports from it.
+//!   and how much traffic each backend carried, in SQLite (one replica) or PostgreSQL (a fleet);
+//!   `regmux misses` reports from it.
 //! - [`clientauth`] checks client credentials against an htpasswd file when one is configured.
 //! - [`respond`] is the only place that builds error responses and filters backend headers.
 //! - [`migrate`] drives the migration: `inventory` of a registry, `migrate` into the target.
