@@ -10,7 +10,7 @@
 //!
 //! Two stores answer the same records and reports: SQLite in WAL mode for one replica ([`store`]; a
 //! `kill -9` loses at most the unflushed last 200 ms) and PostgreSQL for a fleet sharing one ledger
-//! ([`pg`]). The writer talks to a [`Sink`]; everything that reads goes through [`Ledger`]; nothing
+//! ([`pg`]). The writer talks to a `Sink`; everything that reads goes through [`Ledger`]; nothing
 //! else in the crate knows which store it is.
 
 pub mod pg;
