@@ -20,8 +20,6 @@ use crate::metrics::Metrics;
 use crate::registry::challenge::{parse_challenge, Challenge};
 use crate::registry::RepoName;
 use auth::{Credentials, Secret, TokenCache, TokenKey};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
 pub struct Backend {
     pub name: Arc<str>,
@@ -157,21 +155,11 @@ impl Backend {
         } else {
             let verifier = match &cfg.ca_file {
                 None => tls::LazyVerifier::shared(),
-                Some(path) => {
-                    let err = |message: String| BuildError::CaFile {
-                        name: name.into(),
-                        path: path.display().to_string(),
-                        message,
-                    };
-                    let certs = CertificateDer::pem_file_iter(path)
-                        .map_err(|e| err(e.to_string()))?
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| err(e.to_string()))?;
-                    if certs.is_empty() {
-                        return Err(err("no PEM certificate in it".into()));
-                    }
-                    Arc::new(tls::LazyVerifier::new(certs))
-                }
+                Some(path) => tls::verifier_with_ca_file(path).map_err(|message| BuildError::CaFile {
+                    name: name.into(),
+                    path: path.display().to_string(),
+                    message,
+                })?,
             };
             let config =
                 tls::client_config(verifier).map_err(|source| BuildError::Tls { name: name.into(), source })?;

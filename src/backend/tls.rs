@@ -133,6 +133,19 @@ pub fn insecure_client_config() -> Result<rustls::ClientConfig, rustls::Error> {
         .with_no_client_auth())
 }
 
+/// A verifier trusting the system's roots plus the PEM certificates of `ca_file` (at least one).
+pub fn verifier_with_ca_file(ca_file: &std::path::Path) -> Result<Arc<LazyVerifier>, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in it".into());
+    }
+    Ok(Arc::new(LazyVerifier::new(certs)))
+}
+
 /// A client TLS configuration (HTTP/2 and HTTP/1.1 by ALPN) verifying with `verifier`.
 pub fn client_config(verifier: Arc<LazyVerifier>) -> Result<rustls::ClientConfig, rustls::Error> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())

@@ -98,16 +98,16 @@ impl Transport {
         authorization: Option<&Secret>,
         body: Option<Bytes>,
     ) -> Result<reqwest::Response, FetchError> {
-        let origin = reqwest::Url::parse(url).map_err(|_| FetchError::BadLocation)?.origin();
-        let (mut method, mut url, mut body) = (method.clone(), url.to_owned(), body);
+        let mut url = reqwest::Url::parse(url).map_err(|_| FetchError::BadLocation)?;
+        let origin = url.origin();
+        let (mut method, mut body) = (method.clone(), body);
         // Held by the response body until it is dropped.
         let wide = if method == Method::GET { WIDE.try_acquire().ok() } else { None };
         let client = if wide.is_some() { &self.wide } else { &self.client };
         let mut hops = 0;
         loop {
-            let parsed = reqwest::Url::parse(&url).map_err(|_| FetchError::BadLocation)?;
-            let credential = authorization.filter(|_| parsed.origin() == origin);
-            let request = self.request(&method, &url, headers, credential, body.clone())?;
+            let credential = authorization.filter(|_| url.origin() == origin);
+            let request = self.request(&method, url.as_str(), headers, credential, body.clone())?;
             let resp = match tokio::time::timeout(self.timeout, client.request(request)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => return Err(FetchError::Transport(e)),
@@ -116,7 +116,7 @@ impl Transport {
             let status = resp.status();
             let location = resp.headers().get(http::header::LOCATION).and_then(|v| v.to_str().ok());
             let next = match (self.redirects, status.is_redirection(), location) {
-                (Redirects::Follow, true, Some(l)) => parsed.join(l).map_err(|_| FetchError::BadLocation)?,
+                (Redirects::Follow, true, Some(l)) => url.join(l).map_err(|_| FetchError::BadLocation)?,
                 _ => return Ok(self.to_response(resp, wide)),
             };
             hops += 1;
@@ -129,7 +129,7 @@ impl Transport {
                 method = Method::GET;
                 body = None;
             }
-            url = next.into();
+            url = next;
         }
     }
 

@@ -12,9 +12,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::CertificateDer;
-
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::try_join_all;
 use tokio_postgres::config::SslMode;
@@ -117,17 +114,8 @@ impl Settings {
         let display = redact(url);
         let verifier = match ca_file {
             None => LazyVerifier::shared(),
-            Some(f) => {
-                let err = |e: String| format!("ledger.ca_file {}: {e}", f.display());
-                let certs = CertificateDer::pem_file_iter(f)
-                    .map_err(|e| err(e.to_string()))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| err(e.to_string()))?;
-                if certs.is_empty() {
-                    return Err(err("no PEM certificate in it".into()));
-                }
-                Arc::new(LazyVerifier::new(certs))
-            }
+            Some(f) => crate::backend::tls::verifier_with_ca_file(f)
+                .map_err(|e| format!("ledger.ca_file {}: {e}", f.display()))?,
         };
         Ok(Settings { config, display, verifier })
     }
