@@ -214,6 +214,19 @@ fn migrate_warm_fills_a_proxy_cache_target() {
     }
     assert!(s["failed"].to_string().contains("keycloak/keycloak"), "the partial image cannot be warmed: {s:#}");
 
+    // A distribution proxy stores a blob in a goroutine of its own, which may finish after the
+    // response that warmed it (and needs the old mirror until then): wait for its files first.
+    // It is served locally once the repository links it.
+    let stored = |repo: &str, d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        warm.storage_dir().join(format!("docker/registry/v2/repositories/{repo}/_layers/sha256/{hex}/link")).exists()
+    };
+    let all: Vec<(&str, String)> = (blob_digests("small").into_iter().map(|d| ("library/alpine", d)))
+        .chain(blob_digests("multi").into_iter().map(|d| ("multi/app", d)))
+        .collect();
+    wait_for("the warm target to store every warmed blob", Duration::from_secs(20), || {
+        all.iter().all(|(repo, d)| stored(repo, d)).then_some(())
+    });
     // The target holds the images now: with the old mirror gone it still serves every byte.
     drop(old);
     assert_eq!(

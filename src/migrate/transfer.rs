@@ -83,13 +83,19 @@ pub struct Migration {
     pub dry_run: bool,
     /// Bytes moved so far (for progress).
     pub bytes: AtomicU64,
-    /// Blobs this run put into the target, and where (for cross-repository mounts).
+    /// Blobs this run put into the target, and where (copy: for cross-repository mounts; warm: the
+    /// first repository it was warmed in).
     pushed: Mutex<HashMap<Digest, RepoName>>,
     /// One lock per blob digest: images copied concurrently that share a layer wait for the first
     /// upload and then mount it, instead of each uploading it.
     blob_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Manifests read from a source in this run (the tag step needs them again).
     manifests: Mutex<HashMap<Digest, (Bytes, HeaderValue)>>,
+    /// Warm mode: blobs warmed in a second repository after a first one (mapped name, path, digest),
+    /// warmed once more after the first pass. A proxy cache (distribution's `inflight` set; Harbor
+    /// likewise) stores a blob in the background once per digest at a time, and a request for the same
+    /// digest in another repository while that store runs gets the bytes but no copy of its own.
+    rewarm: Mutex<Vec<(RepoName, String, Digest)>>,
 }
 
 /// How one item went.
@@ -109,6 +115,7 @@ impl Migration {
             pushed: Mutex::default(),
             blob_locks: Mutex::default(),
             manifests: Mutex::default(),
+            rewarm: Mutex::default(),
         }
     }
 
@@ -122,6 +129,12 @@ impl Migration {
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
+        let rewarm = self.rewarm.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+        for (mapped, path, digest) in rewarm {
+            if let Err(e) = self.warm_blob(&mapped, &path, &digest).await {
+                tracing::warn!(repository = %mapped, %digest, "second warm of a shared blob failed: {e}");
+            }
+        }
         let mut s = Summary::default();
         for (item, r) in results {
             let image = item.label();
@@ -236,7 +249,22 @@ impl Migration {
             return Ok(Some(0));
         }
         let bytes = match self.mode {
-            Mode::Warm => self.warm_blob(&mapped, &path, digest).await?,
+            Mode::Warm => {
+                let n = self.warm_blob(&mapped, &path, digest).await?;
+                let first = self
+                    .pushed
+                    .lock()
+                    .map_err(|e| e.to_string())?
+                    .entry(digest.clone())
+                    .or_insert(repo.clone())
+                    .clone();
+                if first != *repo {
+                    if let Ok(mut r) = self.rewarm.lock() {
+                        r.push((mapped.clone(), path.clone(), digest.clone()));
+                    }
+                }
+                n
+            }
             Mode::Copy => self.copy_blob(repo, &mapped, digest).await?,
         };
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
