@@ -97,7 +97,8 @@ fn next_link(v: &str) -> Option<String> {
     target.starts_with("/v2/").then(|| target.to_owned())
 }
 
-/// `n`/`last` pagination over a sorted set, and the `Link` to the next page.
+/// `n`/`last` pagination over a sorted set, and the `Link` to the next page. The client's `ns` is
+/// kept in the `Link`: without it the next page would be routed elsewhere (containerd's `ns` routing).
 fn paginate(all: BTreeSet<String>, q: &Query, base: &str) -> (Vec<String>, Option<String>) {
     let start = q.last.clone();
     let mut it = all.into_iter().filter(|x| start.as_ref().is_none_or(|l| x > l));
@@ -108,8 +109,12 @@ fn paginate(all: BTreeSet<String>, q: &Query, base: &str) -> (Vec<String>, Optio
     let more = it.next().is_some();
     let link = match (more, page.last()) {
         (true, Some(last)) => {
-            let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
-            Some(format!("<{base}?n={n}&last={last}>; rel=\"next\""))
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.append_pair("n", &n.to_string()).append_pair("last", last);
+            if let Some(ns) = &q.ns {
+                query.append_pair("ns", ns);
+            }
+            Some(format!("<{base}?{}>; rel=\"next\"", query.finish()))
         }
         _ => None,
     };
@@ -218,6 +223,9 @@ mod tests {
         let q = Query { n: Some(1), ..Default::default() };
         let (_, link) = paginate(set(&["a/b", "c"]), &q, "/v2/_catalog");
         assert_eq!(link.as_deref(), Some("</v2/_catalog?n=1&last=a%2Fb>; rel=\"next\""));
+        let q = Query { n: Some(1), ns: Some("quay.io".into()), ..Default::default() };
+        let (_, link) = paginate(set(&["a", "b"]), &q, "/v2/_catalog");
+        assert_eq!(link.as_deref(), Some("</v2/_catalog?n=1&last=a&ns=quay.io>; rel=\"next\""));
     }
 
     #[test]

@@ -120,11 +120,12 @@ fn kind_of(p: &RegistryPath) -> &'static str {
     }
 }
 
+/// A path regmux does not serve (no pull endpoint, or the push API) is 405 `UNSUPPORTED`, like any
+/// method but GET/HEAD; a malformed name, digest or reference is a 400 with its own code.
 fn path_error(e: PathError) -> OciError {
     let m = e.to_string();
     match e {
-        PathError::NotFound => OciError::new(ErrorCode::Unsupported).message(m).with_status(StatusCode::NOT_FOUND),
-        PathError::Upload => OciError::new(ErrorCode::Unsupported).message(m),
+        PathError::NotAnEndpoint | PathError::Upload => OciError::new(ErrorCode::Unsupported).message(m),
         PathError::Name(_) => OciError::new(ErrorCode::NameInvalid).message(m),
         PathError::Digest(_) => OciError::new(ErrorCode::DigestInvalid).message(m),
         PathError::Reference(_) => OciError::new(ErrorCode::ManifestInvalid).message(m),

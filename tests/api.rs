@@ -1,7 +1,9 @@
 //! The registry pull API as clients see it through regmux, against real registries (docker-registry
 //! 2.8.2) on 127.0.0.1: the `/v2/` check, manifests, blobs, listings, routing, ordered fallback across
-//! backends, verified streaming, the error envelope, path validation, backend authentication, a dead
-//! backend, and the location cache.
+//! backends, verified streaming, the error envelope, path validation, backend authentication (Basic,
+//! bearer tokens with and without credentials, token expiry and refusal), a dead backend, the
+//! location cache; and the binary itself: `regmux check`, configuration by environment, and the
+//! JSON request log (one event per request, never a credential).
 //!
 //! Most tests use [`fixture`]: two plain registries and regmux in front of them, configured like a
 //! migration in progress (`harbor` first, with its content under a project prefix; the `old` mirror
@@ -22,7 +24,8 @@
 //!
 //! Access logs of the registries ([`Registry::requests`]) tell which backend was asked for what;
 //! [`Backend::requests`] keeps only what came after seeding, without regmux's health probes
-//! (`GET /v2/`). Nothing here sleeps: log lines and log messages are polled for with a deadline.
+//! (`GET /v2/`). Nothing here sleeps (log lines and log messages are polled for with a deadline),
+//! except [`expired_token_is_replaced`], whose point is that time passes.
 
 mod support;
 
@@ -121,7 +124,7 @@ fn fixture() -> Fixture {
             push("small", &format!("{o}/library/partial:1"), Format::Oci);
         });
     });
-    let config = two_backend_config(&lab, &harbor.url(), &old.url());
+    let config = two_backend_config(&lab.path().join("ledger.db"), &harbor.url(), &old.url());
     let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
     Fixture { regmux, harbor: Backend::seeded(harbor), old: Backend::seeded(old), _lab: lab }
 }
@@ -129,7 +132,7 @@ fn fixture() -> Fixture {
 /// The test configuration: route `hub` (Docker Hub, default) tries `harbor` (prefix `hub-proxy`)
 /// then `old`; route `quay` (`quay.io`, host `mirror.quay.test`) has `harbor-quay` (same registry,
 /// prefix `quay-proxy`).
-fn two_backend_config(lab: &Lab, harbor_url: &str, old_url: &str) -> String {
+fn two_backend_config(ledger: &std::path::Path, harbor_url: &str, old_url: &str) -> String {
     format!(
         r#"
 [server]
@@ -164,7 +167,7 @@ registries = ["quay.io"]
 hosts = ["mirror.quay.test"]
 backends = ["harbor-quay"]
 "#,
-        ledger = lab.path().join("ledger.db").display(),
+        ledger = ledger.display(),
     )
 }
 
@@ -327,6 +330,46 @@ fn tamper_manifest(storage: &std::path::Path, digest: &str) {
     std::fs::write(&path, serde_json::to_vec(&m).expect("serialize")).expect("write manifest");
 }
 
+/// Makes one blob of one repository unreadable to a registry without making it look absent: the
+/// repository's link to it no longer holds a digest, and distribution answers 500 while `/v2/` and
+/// everything else still answer (so health probes keep the backend up).
+fn break_blob_link(storage: &std::path::Path, repo: &str, digest: &str) {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let link = storage.join("docker/registry/v2/repositories").join(repo).join("_layers/sha256").join(hex).join("link");
+    assert!(link.is_file(), "no link {}", link.display());
+    std::fs::write(&link, "not a digest").expect("overwrite blob link");
+}
+
+/// Starts `regmux serve --config` with `RUST_LOG=debug` (every event of regmux and its libraries),
+/// so that a secret leaking into any log line would show.
+fn start_debug(lab: &Lab, config: &str) -> Regmux {
+    let path = lab.write("regmux/regmux.toml", config);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regmux"));
+    cmd.arg("serve").arg("--config").arg(&path).env("RUST_LOG", "debug");
+    Regmux::spawn(cmd, &path)
+}
+
+/// Neither a secret nor `user:secret` in Basic form (base64) is anywhere in regmux's log.
+#[track_caller]
+fn assert_no_secrets(regmux: &Regmux, creds: &[(&str, &str)]) {
+    let logs = regmux.logs();
+    assert!(logs.lines().count() > 5, "too little log to judge:\n{logs}");
+    for (user, pass) in creds {
+        let basic = basic_auth(user, pass);
+        let b64 = basic.trim_start_matches("Basic ").trim();
+        assert!(!logs.contains(pass), "the password of {user} is in regmux's log:\n{logs}");
+        assert!(!logs.contains(b64), "Basic credentials of {user} are in regmux's log:\n{logs}");
+    }
+}
+
+/// The JSON `request` events (`--log-format json`) in a log; every line must be JSON.
+fn request_events(logs: &str) -> Vec<Value> {
+    logs.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+        .filter(|e| e["message"] == "request")
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 
@@ -365,12 +408,28 @@ fn base_endpoint_and_unsupported_requests() {
     let r = fx.req("HEAD", "/v2/small/blobs/uploads/some-uuid", &[]);
     assert_eq!(r.status, 405);
 
-    // Decision: a path that is no registry endpoint at all is 404 (HTTP: the resource does not
-    // exist) with the UNSUPPORTED code, as regmux documents; 405 is for known endpoints regmux does
-    // not serve (push). The code is what clients act on.
-    for path in ["/v2/small/unknown/x", "/v1/", "/v2/small"] {
-        let r = fx.get(path, &[]);
-        assert_error(&r, 404, "UNSUPPORTED");
+    // Everything else is 405 UNSUPPORTED too: paths that are no pull endpoint, whatever the method
+    // (a malformed name inside such a path does not make it a 400: there is no endpoint to name).
+    for path in [
+        "/v2/small/unknown/x",
+        "/v1/",
+        "/v1/_ping",
+        "/",
+        "/v2/small",
+        "/v2/small/manifests",
+        "/v2/small/tags/other",
+        "/v2/_catalog/x",
+        "/v2/SMALL/unknown/x",
+        "/metrics",
+    ] {
+        for method in ["GET", "HEAD", "PUT"] {
+            let r = fx.req(method, path, &[]);
+            if method == "HEAD" {
+                assert_eq!(r.status, 405, "HEAD {path}");
+            } else {
+                assert_error(&r, 405, "UNSUPPORTED");
+            }
+        }
     }
 
     fx.sync_logs();
@@ -590,6 +649,31 @@ fn tags_list_and_catalog_are_unions() {
     assert_eq!(repositories_of(&fx.get("/v2/_catalog?ns=quay.io", &[])), ["keycloak/keycloak"]);
     let r = fx.get("/v2/_catalog", &[("Host", "mirror.quay.test")]);
     assert_eq!(repositories_of(&r), ["keycloak/keycloak"]);
+
+    // Pages of an `ns`-routed listing stay on that route: the `Link` keeps `ns` (without it the
+    // next page would go to the default route, which has neither these tags nor these names).
+    let h = fx.harbor.reg.addr();
+    push("other", &format!("{h}/quay-proxy/keycloak/keycloak:25.0"), Format::Oci);
+    push("other", &format!("{h}/quay-proxy/keycloak/operator:1"), Format::Oci);
+    let first = fx.get("/v2/keycloak/keycloak/tags/list?ns=quay.io&n=1", &[]);
+    assert_eq!(tags_of(&first), ["24.0"]);
+    let link = next_link(&first).expect("tags Link");
+    assert!(link.contains("ns=quay.io"), "{link}");
+    let second = fx.get(&link, &[]);
+    assert_eq!(tags_of(&second), ["25.0"], "second page of {link}");
+    assert_eq!(second.header("Link"), None);
+    let first = fx.get("/v2/_catalog?ns=quay.io&n=1", &[]);
+    assert_eq!(repositories_of(&first), ["keycloak/keycloak"]);
+    let link = next_link(&first).expect("catalog Link");
+    assert!(link.contains("ns=quay.io"), "{link}");
+    let second = fx.get(&link, &[]);
+    assert_eq!(repositories_of(&second), ["keycloak/operator"], "second page of {link}");
+    assert_eq!(second.header("Link"), None);
+    // And the default route never saw the quay names.
+    fx.sync_logs();
+    for r in fx.old.requests() {
+        assert!(!r.path.contains("keycloak"), "a quay listing page went to the default route: {r:?}");
+    }
 }
 
 /// Blobs: GET whole, HEAD without a body, ranges (206 + Content-Range), only allow-listed headers,
@@ -858,7 +942,7 @@ backends = ["harbor-wrong"]
         ledger = lab.path().join("ledger.db").display(),
         url = harbor.url(),
     );
-    let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
+    let regmux = start_debug(&lab, &config);
     let get = |path: &str, headers: &[(&str, &str)]| http("GET", &format!("{}{path}", regmux.url()), headers);
     let seeded = issuer.requests().len();
     let issued_before = issuer.issued();
@@ -910,9 +994,15 @@ backends = ["harbor-wrong"]
         assert_eq!(t.user.as_deref(), Some(robot), "the token endpoint saw other credentials: {t:?}");
     }
     assert!(requests.iter().any(|t| t.scopes == ["registry:catalog:*"]), "{requests:?}");
-    // Neither the password nor a token (a JWT: base64 of `{"`, "eyJ") is ever logged.
+    // Neither a password (plain or in Basic form, regmux's or the client's) nor a token (a JWT:
+    // base64 of `{"`, "eyJ") is ever logged, even at debug level.
+    wait_for("the last request's log line", Duration::from_secs(5), || {
+        regmux.logs().lines().any(|l| l.contains("route=wrong") && l.contains("kind=\"blob\"")).then_some(())
+    });
     let logs = regmux.logs();
-    assert!(!logs.contains(robot_pass) && !logs.contains("eyJ"), "a secret in regmux's log:\n{logs}");
+    assert!(!logs.contains("eyJ"), "a token in regmux's log:\n{logs}");
+    assert!(!logs.contains("client-token"), "the client's token in regmux's log:\n{logs}");
+    assert_no_secrets(&regmux, &[(robot, robot_pass), (robot, "not-the-password"), ("client-user", "client-pass")]);
 }
 
 /// A backend behind plain htpasswd Basic auth, with regmux's username and password.
@@ -938,7 +1028,7 @@ password = "mirror-pass"
 [backends.old-wrong]
 url = "{url}"
 username = "mirror-user"
-password = "wrong"
+password = "wrong-pass-5e1d"
 
 [[routes]]
 name = "hub"
@@ -954,7 +1044,7 @@ backends = ["old-wrong"]
         ledger = lab.path().join("ledger.db").display(),
         url = old.url(),
     );
-    let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
+    let regmux = start_debug(&lab, &config);
     let get = |path: &str, headers: &[(&str, &str)]| http("GET", &format!("{}{path}", regmux.url()), headers);
 
     for _ in 0..2 {
@@ -974,6 +1064,10 @@ backends = ["old-wrong"]
     let e = assert_error(&r, 503, "UNAVAILABLE");
     assert_attempts(&e, &["old-wrong"]);
     assert_eq!(r.header("WWW-Authenticate"), None);
+
+    // Credentials never reach a log line, even at debug level and when they are refused.
+    regmux.wait_log("route=wrong", Duration::from_secs(5));
+    assert_no_secrets(&regmux, &[("mirror-user", "mirror-pass"), ("mirror-user", "wrong-pass-5e1d")]);
 }
 
 /// A stopped first backend costs nothing noticeable: pulls are served by the second one, quickly.
@@ -1041,4 +1135,507 @@ fn schema1_answer_without_accept_is_passed_on() {
     assert_eq!(m["name"], "library/small", "{m}");
     assert_eq!(m["tag"], "legacy", "{m}");
     assert!(r.complete);
+}
+
+/// `regmux check --config`: a configuration with several problems is refused with exit code 64 and
+/// every problem named at once; one with an unknown key too; a good one exits 0 and prints each
+/// route with its backends in the order they are tried (and no password).
+#[test]
+fn check_lists_every_problem_and_the_resolved_routes() {
+    let lab = Lab::new();
+    let check = |name: &str, config: &str| {
+        let path = lab.write(name, config);
+        let out = Command::new(env!("CARGO_BIN_EXE_regmux"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("REGMUX_CONFIG")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run regmux check");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+
+    let bad = r#"
+[server]
+listen = "not-an-address"
+
+[backends.harbor]
+url = "ftp://harbor.test"
+
+[backends.old]
+url = "http://old.test"
+username = "mirror-user"
+
+[[routes]]
+name = "hub"
+registries = ["docker.io"]
+backends = ["harbor", "missing"]
+default = true
+
+[[routes]]
+name = "quay"
+registries = ["quay.io"]
+backends = ["old", "old"]
+default = true
+"#;
+    let (code, stdout, stderr) = check("bad.toml", bad);
+    assert_eq!(code, Some(64), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    for problem in [
+        r#"server.listen "not-an-address""#,
+        r#"url "ftp://harbor.test" is not an http:// or https:// URL"#,
+        r#"username "mirror-user" has no password"#,
+        r#"backend "missing" is not defined"#,
+        r#"backend "old" is listed twice"#,
+        "more than one route is marked default",
+    ] {
+        assert!(stderr.contains(problem), "{problem:?} not reported; stderr:\n{stderr}");
+    }
+    assert!(!stdout.contains("configuration OK"), "{stdout}");
+
+    let (code, _, stderr) = check("unknown-key.toml", "[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"x\"\n");
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("lisen"), "the unknown key is not named: {stderr}");
+
+    let good = format!(
+        r#"{header}
+[backends.harbor]
+url = "http://127.0.0.1:9"
+prefix = "hub-proxy"
+
+[backends.old]
+url = "http://127.0.0.1:10"
+username = "mirror-user"
+password = "check-secret-7a2b"
+
+[backends.harbor-quay]
+url = "http://127.0.0.1:9"
+prefix = "quay-proxy"
+
+[[routes]]
+name = "hub"
+registries = ["docker.io"]
+backends = ["harbor", "old"]
+default = true
+
+[[routes]]
+name = "quay"
+registries = ["quay.io"]
+hosts = ["mirror.quay.test"]
+backends = ["old", "harbor-quay"]
+"#,
+        header = config_header(&lab.path().join("ledger.db")),
+    );
+    let (code, stdout, stderr) = check("good.toml", &good);
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
+    let at = |prefix: &str| {
+        lines.iter().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line {prefix:?}:\n{stdout}"))
+    };
+    let hub = at(r#"route "hub""#);
+    assert!(lines[hub].contains("docker.io") && lines[hub].contains("default"), "{}", lines[hub]);
+    assert!(lines[hub + 1].starts_with("1. harbor: http://127.0.0.1:9/hub-proxy"), "{stdout}");
+    assert!(lines[hub + 2].starts_with("2. old: http://127.0.0.1:10"), "{stdout}");
+    let quay = at(r#"route "quay""#);
+    assert!(lines[quay].contains("quay.io") && lines[quay].contains("mirror.quay.test"), "{}", lines[quay]);
+    assert!(lines[quay + 1].starts_with("1. old: http://127.0.0.1:10"), "{stdout}");
+    assert!(lines[quay + 2].starts_with("2. harbor-quay: http://127.0.0.1:9/quay-proxy"), "{stdout}");
+    assert!(!stdout.contains("check-secret-7a2b") && !stderr.contains("check-secret-7a2b"), "{stdout}{stderr}");
+}
+
+/// `regmux serve` configured only by `REGMUX_CONFIG` and `REGMUX_LISTEN`, logging with
+/// `--log-format json`: every stderr line is JSON, and each request ends in exactly one `request`
+/// event with route, repository, kind, reference, served_by, attempts, status, bytes and duration.
+#[test]
+fn env_configuration_and_one_json_event_per_request() {
+    let fx = fixture();
+    let config = two_backend_config(&fx._lab.path().join("ledger-env.db"), &fx.harbor.reg.url(), &fx.old.reg.url());
+    let path = fx._lab.write("regmux-env/regmux.toml", config);
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regmux"));
+    cmd.args(["serve", "--log-format", "json"])
+        .env("REGMUX_CONFIG", &path)
+        .env("REGMUX_LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("REGMUX_LOG_FORMAT")
+        .env_remove("RUST_LOG");
+    let regmux = Regmux::spawn(cmd, &path);
+    // The listener of REGMUX_LISTEN (the file says 127.0.0.1:0), and the routes of REGMUX_CONFIG
+    // (the built-in default has four).
+    assert_eq!(regmux.port(), port, "REGMUX_LISTEN was not used");
+    let logs = regmux.logs();
+    let listening = logs
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+        .find(|e| e["message"] == "listening")
+        .expect("listening event");
+    assert_eq!((listening["routes"].as_u64(), listening["backends"].as_u64()), (Some(2), Some(3)), "{listening}");
+
+    let get =
+        |method: &str, path: &str, headers: &[(&str, &str)]| http(method, &format!("{}{path}", regmux.url()), headers);
+    let all = accept_manifests();
+    let missing = layer_digests("small")[0].clone();
+    let size = images().blob(&missing).len();
+    // (request, what its event must say: route, repository, kind, reference, served_by, attempts
+    // named in order, status).
+    struct Want {
+        method: &'static str,
+        path: String,
+        headers: Vec<(&'static str, &'static str)>,
+        route: &'static str,
+        repository: &'static str,
+        kind: &'static str,
+        reference: String,
+        served_by: &'static str,
+        attempts: &'static [&'static str],
+        status: u64,
+    }
+    let wants = [
+        Want {
+            method: "GET",
+            path: "/v2/".into(),
+            headers: vec![],
+            route: "",
+            repository: "",
+            kind: "base",
+            reference: "".into(),
+            served_by: "",
+            attempts: &[],
+            status: 200,
+        },
+        Want {
+            method: "GET",
+            path: "/v2/small/manifests/oci".into(),
+            headers: all.clone(),
+            route: "hub",
+            repository: "library/small",
+            kind: "manifest",
+            reference: "oci".into(),
+            served_by: "harbor",
+            attempts: &[],
+            status: 200,
+        },
+        Want {
+            method: "GET",
+            path: format!("/v2/partial/blobs/{missing}"),
+            headers: vec![],
+            route: "hub",
+            repository: "library/partial",
+            kind: "blob",
+            reference: missing.clone(),
+            served_by: "old",
+            attempts: &["harbor"],
+            status: 200,
+        },
+        Want {
+            method: "HEAD",
+            path: format!("/v2/partial/blobs/{missing}"),
+            headers: vec![],
+            route: "hub",
+            repository: "library/partial",
+            kind: "blob",
+            reference: missing.clone(),
+            served_by: "old",
+            attempts: &[],
+            status: 200,
+        },
+        Want {
+            method: "GET",
+            path: "/v2/small/manifests/nope".into(),
+            headers: all.clone(),
+            route: "hub",
+            repository: "library/small",
+            kind: "manifest",
+            reference: "nope".into(),
+            served_by: "",
+            attempts: &["harbor", "old"],
+            status: 404,
+        },
+        Want {
+            method: "GET",
+            path: "/v2/keycloak/keycloak/tags/list?ns=quay.io".into(),
+            headers: vec![],
+            route: "quay",
+            repository: "keycloak/keycloak",
+            kind: "tags",
+            reference: "".into(),
+            served_by: "union",
+            attempts: &[],
+            status: 200,
+        },
+        Want {
+            method: "DELETE",
+            path: "/v2/small/manifests/oci".into(),
+            headers: vec![],
+            route: "",
+            repository: "",
+            kind: "",
+            reference: "".into(),
+            served_by: "",
+            attempts: &[],
+            status: 405,
+        },
+    ];
+    for (i, w) in wants.iter().enumerate() {
+        let r = get(w.method, &w.path, &w.headers);
+        assert_eq!(u64::from(r.status), w.status, "{} {}: {}", w.method, w.path, r.text());
+        assert!(r.complete, "{} {}", w.method, w.path);
+        // Its event is logged once the body is done: wait for it before the next request, so the
+        // events come in request order.
+        let events = wait_for(&format!("request event {}", i + 1), Duration::from_secs(5), || {
+            let events = request_events(&regmux.logs());
+            (events.len() > i).then_some(events)
+        });
+        let e = &events[i];
+        let what = format!("{} {}: {e}", w.method, w.path);
+        assert_eq!(e["method"], w.method, "{what}");
+        assert_eq!(e["route"], w.route, "{what}");
+        assert_eq!(e["repository"], w.repository, "{what}");
+        assert_eq!(e["kind"], w.kind, "{what}");
+        assert_eq!(e["reference"], w.reference.as_str(), "{what}");
+        assert_eq!(e["served_by"], w.served_by, "{what}");
+        assert_eq!(e["status"].as_u64(), Some(w.status), "{what}");
+        let attempts = e["attempts"].as_str().unwrap_or_else(|| panic!("attempts: {what}"));
+        let named: Vec<&str> =
+            attempts.split("; ").filter(|a| !a.is_empty()).map(|a| a.split(':').next().unwrap_or("")).collect();
+        assert_eq!(named, w.attempts, "{what}");
+        assert_eq!(e["bytes"].as_u64(), Some(r.body.len() as u64), "{what}");
+        assert!(e["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{what}");
+    }
+    // The blob's event counts the whole blob.
+    assert_eq!(request_events(&regmux.logs())[2]["bytes"].as_u64(), Some(size as u64));
+
+    // Exactly one event per request: a last request's event is waited for, and there are as many
+    // events as requests, no more.
+    let r = get("GET", "/v2/other/tags/list", &[]);
+    assert_eq!(r.status, 200);
+    let events = wait_for("the last request event", Duration::from_secs(5), || {
+        let events = request_events(&regmux.logs());
+        events.iter().any(|e| e["repository"] == "library/other").then_some(events)
+    });
+    assert_eq!(events.len(), wants.len() + 1, "events: {events:#?}");
+}
+
+/// The location hint is dropped when the backend it names fails: the next request tries the
+/// route's configured order again instead of going straight back to the failing backend.
+#[test]
+fn location_hint_is_forgotten_after_a_failure() {
+    let fx = fixture();
+    let missing = layer_digests("small")[0].clone(); // harbor's `partial` lacks it, old has it
+    let partial = format!("/v2/partial/blobs/{missing}");
+    // Served by old: the hint says old.
+    assert_blob(&fx.get(&partial, &[]), &missing);
+    // old goes straight first for it now (the location cache; harbor is not asked again).
+    assert_blob(&fx.get(&partial, &[]), &missing);
+    fx.sync_logs();
+    let harbor_partial = format!("/v2/hub-proxy/library/partial/blobs/{missing}");
+    assert_eq!(fx.harbor.count("GET", &harbor_partial), 1, "{:?}", fx.harbor.requests());
+
+    // old now fails for that digest (500; it stays up for everything else). The request goes to
+    // old first (the hint), records its failure, then asks harbor, which does not have it.
+    // (Stopping old would not show this: the health probe marks a stopped backend down within
+    // 2 s, and a down backend is skipped without being asked, so the failure path is not taken.)
+    break_blob_link(&fx.old.reg.storage_dir(), "library/partial", &missing);
+    let e = assert_error(&fx.get(&partial, &[]), 503, "UNAVAILABLE");
+    assert_attempts(&e, &["old", "harbor"]);
+    let attempts = e["detail"]["attempts"].as_array().expect("attempts");
+    assert!(attempts[0].as_str().is_some_and(|a| a.contains("500")), "old's failure not recorded: {e}");
+
+    // The hint is gone: the configured order again (harbor, then old).
+    let e = assert_error(&fx.get(&partial, &[]), 503, "UNAVAILABLE");
+    assert_attempts(&e, &["harbor", "old"]);
+    // And a repository harbor has it in is served by harbor without asking old at all.
+    assert_blob(&fx.get(&format!("/v2/small/blobs/{missing}"), &[]), &missing);
+    fx.sync_logs();
+    assert_eq!(fx.old.count("GET", &format!("/v2/library/small/blobs/{missing}")), 0, "{:?}", fx.old.requests());
+    assert_eq!(fx.old.count("GET", &format!("/v2/library/partial/blobs/{missing}")), 4, "{:?}", fx.old.requests());
+    assert_eq!(fx.harbor.count("GET", &harbor_partial), 3, "{:?}", fx.harbor.requests());
+}
+
+/// A token-auth backend without credentials in regmux's configuration: regmux asks the token
+/// endpoint anonymously (no Authorization), with the challenge's service and the pull scope, and
+/// the image is pulled whole.
+#[test]
+fn anonymous_token_auth_backend() {
+    let lab = Lab::new();
+    let issuer = TokenIssuer::start(lab.dir("token"), TokenOpts::default());
+    let harbor = Registry::start(lab.dir("harbor"), RegistryOpts::plain().token(&issuer));
+    let (admin, admin_pass) = issuer.admin_creds();
+    push_with_creds("small", &format!("{}/hub-proxy/library/small:oci", harbor.addr()), Format::Oci, admin, admin_pass);
+    // The registry itself wants a token.
+    let direct = http("GET", &format!("{}/v2/hub-proxy/library/small/manifests/oci", harbor.url()), &[]);
+    assert_eq!(direct.status, 401, "{}", direct.text());
+    assert!(direct.header("WWW-Authenticate").is_some_and(|c| c.starts_with("Bearer ")), "{:?}", direct.headers);
+
+    let config = format!(
+        r#"{header}
+[backends.harbor]
+url = "{url}"
+prefix = "hub-proxy"
+
+[[routes]]
+name = "hub"
+registries = ["docker.io"]
+backends = ["harbor"]
+default = true
+"#,
+        header = config_header(&lab.path().join("ledger.db")),
+        url = harbor.url(),
+    );
+    let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
+    let seeded = issuer.requests().len();
+    let issued_before = issuer.issued();
+    let get = |path: &str, headers: &[(&str, &str)]| http("GET", &format!("{}{path}", regmux.url()), headers);
+    let r = get("/v2/small/manifests/oci", &accept_manifests());
+    assert_manifest(&r, "small", Format::Oci, OCI_MANIFEST);
+    assert_eq!(r.header("WWW-Authenticate"), None);
+    for digest in blob_digests("small") {
+        assert_blob(&get(&format!("/v2/small/blobs/{digest}"), &[]), &digest);
+    }
+
+    let requests = issuer.requests()[seeded..].to_vec();
+    assert!(!requests.is_empty(), "the token endpoint was not asked");
+    assert!(issuer.issued() > issued_before);
+    for t in &requests {
+        assert_eq!(t.user, None, "not anonymous: {t:?}");
+        assert_eq!(t.status, 200, "{t:?}");
+        assert_eq!(t.service.as_deref(), Some(issuer.service()), "{t:?}");
+        assert_eq!(t.scopes, ["repository:hub-proxy/library/small:pull"], "{t:?}");
+    }
+}
+
+/// Tokens are cached until shortly before `expires_in`: with a short lifetime, a pull after it has
+/// passed gets a new token, and both pulls succeed.
+#[test]
+fn expired_token_is_replaced() {
+    let lab = Lab::new();
+    let (robot, robot_pass) = ("robot$regmux", "robot-secret");
+    // regmux uses a token until 10 s before `expires_in` (at least 1 s): 13 s → 3 s.
+    let issuer =
+        TokenIssuer::start(lab.dir("token"), TokenOpts::default().credentials(robot, robot_pass).expires_in(13));
+    let usable = Duration::from_secs(3);
+    let harbor = Registry::start(lab.dir("harbor"), RegistryOpts::plain().token(&issuer));
+    let (admin, admin_pass) = issuer.admin_creds();
+    push_with_creds("small", &format!("{}/hub-proxy/library/small:oci", harbor.addr()), Format::Oci, admin, admin_pass);
+    let config = format!(
+        r#"{header}
+[backends.harbor]
+url = "{url}"
+prefix = "hub-proxy"
+username = "{robot}"
+password = "{robot_pass}"
+
+[[routes]]
+name = "hub"
+registries = ["docker.io"]
+backends = ["harbor"]
+default = true
+"#,
+        header = config_header(&lab.path().join("ledger.db")),
+        url = harbor.url(),
+    );
+    let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
+    let get = |path: &str, headers: &[(&str, &str)]| http("GET", &format!("{}{path}", regmux.url()), headers);
+    let pull = || {
+        assert_manifest(&get("/v2/small/manifests/oci", &accept_manifests()), "small", Format::Oci, OCI_MANIFEST);
+        for digest in blob_digests("small") {
+            assert_blob(&get(&format!("/v2/small/blobs/{digest}"), &[]), &digest);
+        }
+    };
+    let before = issuer.issued();
+    let started = Instant::now();
+    pull();
+    let first = issuer.issued() - before;
+    assert!(first >= 1, "no token issued");
+    // Within the token's life it is reused (checked only if the pull was quick enough to tell).
+    let config_blob = config_digest("small");
+    assert_blob(&get(&format!("/v2/small/blobs/{config_blob}"), &[]), &config_blob);
+    if started.elapsed() < usable {
+        assert_eq!(issuer.issued() - before, first, "a token was fetched again within its lifetime");
+    }
+
+    // Past the lifetime regmux gives every token issued so far (the registry would still accept
+    // them: distribution allows 60 s of clock skew, so only regmux's own expiry makes it ask again).
+    // Time has to pass here: this sleep is the point of the test.
+    std::thread::sleep(usable + Duration::from_millis(500));
+    let mid = issuer.issued();
+    pull();
+    assert!(issuer.issued() > mid, "no new token after the old one expired: {:?}", issuer.requests());
+    for t in &issuer.requests()[..] {
+        if t.user.as_deref() == Some(robot) {
+            assert_eq!(t.status, 200, "{t:?}");
+            assert_eq!(t.scopes, ["repository:hub-proxy/library/small:pull"], "{t:?}");
+        }
+    }
+}
+
+/// A cached token the registry refuses (here: the registry now trusts another token issuer, as
+/// after a key rotation; an expired token is refused the same way) is dropped, and the request is
+/// retried once with a fresh token from the realm of the new challenge: the client sees a plain 200.
+#[test]
+fn refused_cached_token_is_replaced_once() {
+    let lab = Lab::new();
+    let (robot, robot_pass) = ("robot$regmux", "robot-secret");
+    let first = TokenIssuer::start(lab.dir("token-1"), TokenOpts::default().credentials(robot, robot_pass));
+    let mut harbor = Registry::start(lab.dir("harbor"), RegistryOpts::plain().token(&first));
+    let (admin, admin_pass) = first.admin_creds();
+    push_with_creds("small", &format!("{}/hub-proxy/library/small:oci", harbor.addr()), Format::Oci, admin, admin_pass);
+    let config = format!(
+        r#"{header}
+[backends.harbor]
+url = "{url}"
+prefix = "hub-proxy"
+username = "{robot}"
+password = "{robot_pass}"
+
+[[routes]]
+name = "hub"
+registries = ["docker.io"]
+backends = ["harbor"]
+default = true
+"#,
+        header = config_header(&lab.path().join("ledger.db")),
+        url = harbor.url(),
+    );
+    let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
+    let get = |path: &str, headers: &[(&str, &str)]| http("GET", &format!("{}{path}", regmux.url()), headers);
+    assert_manifest(&get("/v2/small/manifests/oci", &accept_manifests()), "small", Format::Oci, OCI_MANIFEST);
+    let from_first = first.issued();
+
+    // The registry now trusts only a second issuer (same service and issuer name, another key and
+    // realm), on the same port and storage.
+    let second = TokenIssuer::start(lab.dir("token-2"), TokenOpts::default().credentials(robot, robot_pass));
+    let yml = std::fs::read_to_string(harbor.config_path()).expect("read registry config");
+    let rotated = yml
+        .replace(&first.realm(), &second.realm())
+        .replace(&*first.cert_path().to_string_lossy(), &second.cert_path().to_string_lossy());
+    assert_ne!(rotated, yml, "the registry config names the first issuer");
+    std::fs::write(harbor.config_path(), rotated).expect("write registry config");
+    harbor.restart();
+    let seen = harbor.requests().len();
+
+    // regmux still holds the first issuer's token for this scope: refused, replaced, retried once.
+    assert_manifest(&get("/v2/small/manifests/oci", &accept_manifests()), "small", Format::Oci, OCI_MANIFEST);
+    for digest in blob_digests("small") {
+        assert_blob(&get(&format!("/v2/small/blobs/{digest}"), &[]), &digest);
+    }
+    assert_eq!(first.issued(), from_first, "the old realm was asked again: {:?}", first.requests());
+    let asked = second.requests();
+    assert!(!asked.is_empty(), "no token from the new realm");
+    for t in &asked {
+        assert_eq!((t.user.as_deref(), t.status), (Some(robot), 200), "{t:?}");
+        assert_eq!(t.scopes, ["repository:hub-proxy/library/small:pull"], "{t:?}");
+    }
+    // The registry refused the old token once, then every request carried the new one.
+    let manifest = "/v2/hub-proxy/library/small/manifests/oci";
+    let after: Vec<LoggedRequest> =
+        wait_for("the retried manifest request in the access log", Duration::from_secs(5), || {
+            let after = harbor.requests()[seen..].to_vec();
+            after.iter().any(|r| r.path == manifest && r.status == 200).then_some(after)
+        });
+    let refused: Vec<&LoggedRequest> = after.iter().filter(|r| r.status == 401 && r.path != "/v2/").collect();
+    assert_eq!(refused.len(), 1, "{after:?}");
+    assert_eq!(refused[0].path, manifest, "{after:?}");
 }

@@ -56,14 +56,13 @@ impl ErrorCode {
     }
 }
 
-/// One error answer: a code, an optional more specific message, an optional JSON detail, and an
-/// optional status override (an unknown endpoint is a 404 even though its code is `UNSUPPORTED`).
+/// One error answer: a code, an optional more specific message and an optional JSON detail. The
+/// status is always the code's ([`ErrorCode::status`]).
 #[derive(Debug, Clone)]
 pub struct OciError {
     pub code: ErrorCode,
     pub message: Option<String>,
     pub detail: Option<serde_json::Value>,
-    pub status: Option<http::StatusCode>,
 }
 
 #[derive(Serialize)]
@@ -81,7 +80,7 @@ struct Entry<'a> {
 
 impl OciError {
     pub fn new(code: ErrorCode) -> Self {
-        OciError { code, message: None, detail: None, status: None }
+        OciError { code, message: None, detail: None }
     }
     pub fn message(mut self, m: impl Into<String>) -> Self {
         self.message = Some(m.into());
@@ -91,12 +90,8 @@ impl OciError {
         self.detail = Some(d);
         self
     }
-    pub fn with_status(mut self, s: http::StatusCode) -> Self {
-        self.status = Some(s);
-        self
-    }
     pub fn status(&self) -> http::StatusCode {
-        self.status.unwrap_or(self.code.status())
+        self.code.status()
     }
     /// The JSON body.
     pub fn body(&self) -> String {
@@ -140,8 +135,8 @@ mod tests {
             e.body(),
             r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":{"attempts":["a: 404"]}}]}"#
         );
-        let e = OciError::new(ErrorCode::Unsupported).message("x").with_status(http::StatusCode::NOT_FOUND);
-        assert_eq!(e.status(), http::StatusCode::NOT_FOUND);
+        let e = OciError::new(ErrorCode::Unsupported).message("x");
+        assert_eq!(e.status(), http::StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(e.body(), r#"{"errors":[{"code":"UNSUPPORTED","message":"x"}]}"#);
     }
 }

@@ -31,8 +31,8 @@ pub enum RegistryPath {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
-    #[error("not a registry API path")]
-    NotFound,
+    #[error("not an endpoint of the pull API regmux serves")]
+    NotAnEndpoint,
     #[error("blob uploads are not supported: regmux is a pull-only proxy")]
     Upload,
     #[error(transparent)]
@@ -47,7 +47,7 @@ pub enum PathError {
 pub fn parse_path(path: &str) -> Result<RegistryPath, PathError> {
     let rest = match path {
         "/v2" | "/v2/" => return Ok(RegistryPath::Base),
-        _ => path.strip_prefix("/v2/").ok_or(PathError::NotFound)?,
+        _ => path.strip_prefix("/v2/").ok_or(PathError::NotAnEndpoint)?,
     };
     if rest == "_catalog" {
         return Ok(RegistryPath::Catalog);
@@ -55,7 +55,7 @@ pub fn parse_path(path: &str) -> Result<RegistryPath, PathError> {
     let segs: Vec<&str> = rest.split('/').collect();
     let n = segs.len();
     if n < 3 {
-        return Err(PathError::NotFound);
+        return Err(PathError::NotAnEndpoint);
     }
     let name_of = |end: usize| segs[..end].join("/").parse::<RepoName>();
     // `/v2/<name>/blobs/uploads/` and `/v2/<name>/blobs/uploads/<uuid>` belong to the push API.
@@ -77,7 +77,7 @@ pub fn parse_path(path: &str) -> Result<RegistryPath, PathError> {
             let name = name_of(n - 2)?;
             Ok(RegistryPath::Referrers { name, digest: last.parse()? })
         }
-        _ => Err(PathError::NotFound),
+        _ => Err(PathError::NotAnEndpoint),
     }
 }
 
@@ -118,12 +118,12 @@ mod tests {
         use PathError::*;
         type Case = (&'static str, fn(&PathError) -> bool);
         let cases: &[Case] = &[
-            ("/v1/", |e| *e == NotFound),
-            ("/", |e| *e == NotFound),
-            ("/v2/alpine", |e| *e == NotFound),
-            ("/v2/alpine/manifests", |e| *e == NotFound),
-            ("/v2/a/tags/other", |e| *e == NotFound),
-            ("/v2/a/unknown/x", |e| *e == NotFound),
+            ("/v1/", |e| *e == NotAnEndpoint),
+            ("/", |e| *e == NotAnEndpoint),
+            ("/v2/alpine", |e| *e == NotAnEndpoint),
+            ("/v2/alpine/manifests", |e| *e == NotAnEndpoint),
+            ("/v2/a/tags/other", |e| *e == NotAnEndpoint),
+            ("/v2/a/unknown/x", |e| *e == NotAnEndpoint),
             ("/v2/../etc/manifests/x", |e| matches!(e, Name(_))),
             ("/v2/a//b/manifests/x", |e| matches!(e, Name(_))),
             ("/v2/A/manifests/x", |e| matches!(e, Name(_))),

@@ -1,12 +1,13 @@
 //! Runs the real `regmux` binary (`env!("CARGO_BIN_EXE_regmux")` in integration tests) as
 //! `regmux serve --config FILE` and finds the address it bound from its log.
 //!
-//! The config should say `listen = "127.0.0.1:0"`; regmux then logs (text format, on stderr) a line
-//! containing `listening` and `addr=127.0.0.1:PORT` once it is bound (a `listening` line that also
-//! mentions `admin` is taken as the admin listener's). A background thread reads
-//! stderr line by line into a buffer and a file (`regmux.log` next to the config), so tests can look
-//! at log lines later; stdout goes to `regmux.stdout`. The child gets `NO_COLOR=1`, and escape codes
-//! are stripped anyway, so the log reads as plain text.
+//! The config should say `listen = "127.0.0.1:0"`; regmux then logs (on stderr) a line containing
+//! `listening` and `addr=127.0.0.1:PORT` (text format) or an `"addr"` field (`--log-format json`)
+//! once it is bound (a `listening` line that also mentions `admin` is taken as the admin
+//! listener's). A background thread reads stderr line by line into a buffer and a file
+//! (`regmux.log` next to the config), so tests can look at log lines later; stdout goes to
+//! `regmux.stdout`. The child gets `NO_COLOR=1`, and escape codes are stripped anyway, so the log
+//! reads as plain text.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -154,10 +155,20 @@ impl Drop for Regmux {
     }
 }
 
-/// `addr=127.0.0.1:PORT` (possibly quoted) from a line that mentions `listening`.
+/// `addr=127.0.0.1:PORT` (possibly quoted) from a line that mentions `listening`; with
+/// `--log-format json`, the `addr` field of an event whose message mentions `listening`.
 fn listening_addr(line: &str) -> Option<String> {
     if !line.contains("listening") {
         return None;
+    }
+    if line.trim_start().starts_with('{') {
+        let event: serde_json::Value = serde_json::from_str(line).ok()?;
+        let message = event["message"].as_str().or(event["fields"]["message"].as_str())?;
+        let addr = event["addr"].as_str().or(event["fields"]["addr"].as_str())?;
+        if !message.contains("listening") {
+            return None;
+        }
+        return addr.parse::<std::net::SocketAddr>().ok().map(|a| a.to_string());
     }
     let rest = &line[line.find("addr=")? + "addr=".len()..];
     let value = rest.split_whitespace().next()?.trim_matches(|c| c == '"' || c == ',');
