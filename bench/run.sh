@@ -394,6 +394,30 @@ nginx_rss=0
 for p in "${NGINX_WORKER_PIDS[@]}"; do nginx_rss=$((nginx_rss + $(proc_kib "$p" VmRSS))); done
 add nginx_rss_idle "$(calc "$nginx_rss / 1024")"
 
+# ---------------------------------------------------------------- the bound: a bare TCP relay
+# examples/relay.rs: blocking sockets, 256 KiB buffer, no HTTP; with --sha256 it also hashes what it
+# passes. No proxy can cost less CPU or move more bytes per second on this machine (measurement 1).
+RELAY_BIN=$REPO_DIR/target/release/examples/relay
+PORT_RELAY="" PORT_RELAY_SHA="" RELAY_PIDS=()
+start_relay() { # start_relay [--sha256] -> echoes the port; the pid goes to RELAY_PIDS via $LAB/relay.pid
+	local out=$LAB/relay${1:-}.port
+	"$RELAY_BIN" "127.0.0.1:$PORT_A" "$@" >"$out" 2>"$LAB/relay${1:-}.log" &
+	echo $! >"$LAB/relay${1:-}.pid"
+	for _ in $(seq 50); do [[ -s $out ]] && break; sleep 0.1; done
+}
+if want 1; then
+	if [[ ! -x $RELAY_BIN || $REPO_DIR/examples/relay.rs -nt $RELAY_BIN ]]; then
+		log "building examples/relay.rs (cargo build --release --example relay)"
+		(cd "$REPO_DIR" && cargo build --release --quiet --example relay) >"$LAB/relay-build.log" 2>&1 ||
+			note "examples/relay.rs did not build (bound rows left out): $(tail -3 "$LAB/relay-build.log" | tr '\n' ' ')"
+	fi
+	if [[ -x $RELAY_BIN ]]; then
+		start_relay && PORT_RELAY=$(cat "$LAB/relay.port") && RELAY_PID=$(cat "$LAB/relay.pid")
+		start_relay --sha256 && PORT_RELAY_SHA=$(cat "$LAB/relay--sha256.port") && RELAY_SHA_PID=$(cat "$LAB/relay--sha256.pid")
+		PIDS+=("${RELAY_PID:-}" "${RELAY_SHA_PID:-}")
+	fi
+fi
+
 # ---------------------------------------------------------------- regmux
 DROP=() # config parts regmux rejected: admin, ledger, noverify
 dropped() { [[ " ${DROP[*]} " == *" $1 "* ]]; }
@@ -473,6 +497,8 @@ url() { # url TARGET: URL prefix of the repository through TARGET
 	nginx) echo "http://127.0.0.1:$PORT_NGINX/v2/$REPO" ;;
 	regmux) echo "http://127.0.0.1:$PORT_RM/v2/$REPO" ;;
 	noverify) echo "http://127.0.0.1:$PORT_RM/v2/noverify.local/$REPO" ;;
+	relay) echo "http://127.0.0.1:$PORT_RELAY/v2/$REPO" ;;
+	relaysha) echo "http://127.0.0.1:$PORT_RELAY_SHA/v2/$REPO" ;;
 	esac
 }
 targets() { # targets LIST...: those of the given targets that are available (no side effects)
@@ -484,6 +510,8 @@ targets() { # targets LIST...: those of the given targets that are available (no
 			[[ -n $RM_PID ]] || continue
 			if [[ $t == noverify ]] && dropped noverify; then continue; fi
 			;;
+		relay) [[ -n $PORT_RELAY ]] || continue ;;
+		relaysha) [[ -n $PORT_RELAY_SHA ]] || continue ;;
 		esac
 		echo "$t"
 	done
@@ -563,16 +591,18 @@ LUA
 if want 1; then
 	log "1. one $(human "$BIG_SIZE") blob: direct / nginx / regmux / regmux verify_digests=false, $RUNS runs"
 	check_regmux "1. big blob"
-	mapfile -t T1 < <(targets direct nginx regmux noverify)
+	mapfile -t T1 < <(targets direct nginx regmux noverify relay relaysha)
 	for t in "${T1[@]}"; do verify "$(url "$t")/blobs/sha256:$BIG" "$BIG" "$BIG_SIZE" || true; done
 	for ((r = 1; r <= RUNS; r++)); do
 		check_regmux "1. big blob, run $r"
-		mapfile -t T1 < <(targets direct nginx regmux noverify)
+		mapfile -t T1 < <(targets direct nginx regmux noverify relay relaysha)
 		declare -A thr=()
 		for t in "${T1[@]}"; do
 			case $t in
 			direct) cpids=("$PID_A") ;;
 			nginx) cpids=("${NGINX_WORKER_PIDS[@]}") ;;
+			relay) cpids=("$RELAY_PID") ;;
+			relaysha) cpids=("$RELAY_SHA_PID") ;;
 			*) cpids=("$RM_PID") ;;
 			esac
 			c0=$(cpu_ticks "${cpids[@]}")
@@ -587,6 +617,8 @@ if want 1; then
 		[[ -n ${thr[regmux]:-} && -n ${thr[nginx]:-} ]] && add big_regmux_nginx "$(calc "${thr[regmux]} / ${thr[nginx]}")"
 		[[ -n ${thr[regmux]:-} && -n ${thr[direct]:-} ]] && add big_regmux_direct "$(calc "${thr[regmux]} / ${thr[direct]}")"
 		[[ -n ${thr[noverify]:-} && -n ${thr[direct]:-} ]] && add big_noverify_direct "$(calc "${thr[noverify]} / ${thr[direct]}")"
+		[[ -n ${thr[relay]:-} && -n ${thr[direct]:-} ]] && add big_relay_direct "$(calc "${thr[relay]} / ${thr[direct]}")"
+		[[ -n ${thr[relaysha]:-} && -n ${thr[direct]:-} ]] && add big_relaysha_direct "$(calc "${thr[relaysha]} / ${thr[direct]}")"
 		unset thr
 	done
 fi
@@ -815,6 +847,10 @@ report() {
 		echo "| 1 | CPU user+sys, s per GiB (that process only), verify on | $(cell %.2f big_cpu_direct) | $(cell %.2f big_cpu_nginx) | $(cell %.2f big_cpu_regmux) | | ≤ 0.8 | $(met le 0.8 big_cpu_regmux) |"
 		echo "| 1 | $B blob, MiB/s, \`verify_digests = false\` — regmux ÷ direct | $(cell %.0f big_direct) | | $(cell %.0f big_noverify) | $(cell %.2f big_noverify_direct) | ≥ 0.85 | $(met ge 0.85 big_noverify_direct) |"
 		echo "| 1 | CPU user+sys, s per GiB, \`verify_digests = false\` | | | $(cell %.2f big_cpu_noverify) | | $dash | $dash |"
+		if [[ -n ${V[big_relay]:-} ]]; then
+			echo "| 1 | bound: bare TCP relay, no HTTP (\`examples/relay.rs\`) — MiB/s $(cell %.0f big_relay), CPU $(cell %.2f big_cpu_relay) s/GiB; ÷ direct | | | | $(cell %.2f big_relay_direct) | $dash | $dash |"
+			echo "| 1 | bound: the same relay hashing with SHA-256 — MiB/s $(cell %.0f big_relaysha), CPU $(cell %.2f big_cpu_relaysha) s/GiB; ÷ direct | | | | $(cell %.2f big_relaysha_direct) | $dash | $dash |"
+		fi
 	fi
 	if want 2; then
 		echo "| 2 | $C concurrent, aggregate MiB/s — regmux ÷ nginx | $(cell %.0f conc_direct) | $(cell %.0f conc_nginx) | $(cell %.0f conc_regmux) | $(cell %.2f conc_regmux_nginx) | ≥ 1.3 | $(met ge 1.3 conc_regmux_nginx) |"
