@@ -41,14 +41,29 @@ pub struct ServerConfig {
     /// Short on purpose: within it the migration target is not asked again for D, so the target's
     /// misses cannot close before it expires.
     pub location_ttl: Option<String>,
+    /// Client connections served at once (default 4096); more wait in the kernel's accept queue.
+    /// Read at start (a reload does not change it).
+    pub max_connections: Option<usize>,
+    /// How long downloads in flight may go on after SIGTERM/SIGINT before they are cut (default 30s).
+    pub shutdown_grace: Option<String>,
 }
 
 /// Default of `[server] location_ttl`.
 pub const DEFAULT_LOCATION_TTL: Duration = Duration::from_secs(30);
+/// Default of `[server] max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default of `[server] shutdown_grace`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 impl ServerConfig {
     pub fn location_ttl(&self) -> Duration {
         self.location_ttl.as_deref().and_then(|s| parse_duration(s).ok()).unwrap_or(DEFAULT_LOCATION_TTL)
+    }
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.filter(|n| *n > 0).unwrap_or(DEFAULT_MAX_CONNECTIONS)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        self.shutdown_grace.as_deref().and_then(|s| parse_duration(s).ok()).unwrap_or(DEFAULT_SHUTDOWN_GRACE)
     }
 }
 
@@ -58,7 +73,15 @@ fn default_listen() -> String {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), tls_cert: None, tls_key: None, htpasswd: None, location_ttl: None }
+        ServerConfig {
+            listen: default_listen(),
+            tls_cert: None,
+            tls_key: None,
+            htpasswd: None,
+            location_ttl: None,
+            max_connections: None,
+            shutdown_grace: None,
+        }
     }
 }
 
@@ -246,6 +269,12 @@ impl Config {
         }
         if let Some(Err(e)) = self.server.location_ttl.as_deref().map(parse_duration) {
             p.push(format!("server.location_ttl: {e}"));
+        }
+        if let Some(Err(e)) = self.server.shutdown_grace.as_deref().map(parse_duration) {
+            p.push(format!("server.shutdown_grace: {e}"));
+        }
+        if self.server.max_connections == Some(0) {
+            p.push("server.max_connections must be more than 0".into());
         }
         match (&self.server.tls_cert, &self.server.tls_key) {
             (Some(_), None) | (None, Some(_)) => p.push("server.tls_cert and server.tls_key go together".into()),
@@ -467,6 +496,8 @@ mod tests {
             [server]
             listen = "nowhere"
             tls_cert = "/nonexistent/cert.pem"
+            max_connections = 0
+            shutdown_grace = "soon"
             [backends.a]
             url = "ftp://x"
             prefix = "Bad/"
@@ -492,6 +523,8 @@ mod tests {
         for needle in [
             "server.listen",
             "tls_cert and server.tls_key",
+            "server.max_connections must be more than 0",
+            "server.shutdown_grace",
             "ftp://x",
             "prefix \"Bad/\"",
             "timeout",
@@ -515,6 +548,17 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn server_limits_default_and_parse() {
+        let c = Config::parse("[server]\n").unwrap();
+        assert_eq!(c.server.max_connections(), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.server.shutdown_grace(), DEFAULT_SHUTDOWN_GRACE);
+        let c = Config::parse("[server]\nmax_connections = 8\nshutdown_grace = \"1500ms\"\n").unwrap();
+        assert_eq!(c.server.max_connections(), 8);
+        assert_eq!(c.server.shutdown_grace(), Duration::from_millis(1500));
+        assert!(Config::parse("[server]\nmax_connections = -1\n").is_err(), "negative is a parse error");
     }
 
     #[test]

@@ -262,7 +262,7 @@ fn serve(mut config: Config, listen: Option<String>, path: Option<PathBuf>) -> a
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(%addr, scheme, routes = config.routes.len(), backends = config.backends.len(), "listening");
         tokio::spawn(reload_on_hangup(app.clone(), path, listen));
-        server::run(listener, app, tls, server::Limits::default(), stop_signal()).await;
+        server::run(listener, app, tls, server::Limits::from_config(&config.server), stop_signal()).await;
         Ok::<_, anyhow::Error>(())
     });
     // Every acknowledged ledger event is written before the process exits.

@@ -1,5 +1,6 @@
 //! The accept loop: HTTP/1.1 and HTTP/2 (h2c) on one port through hyper-util's auto builder, a cap on
-//! concurrent connections, header size and header-read time limits, and a graceful drain.
+//! concurrent connections, header size and header-read time limits, an idle timeout for every
+//! connection, and a graceful drain.
 //!
 //! The caller binds the listener (so tests bind 127.0.0.1:0) and says when to stop; `run` returns once
 //! every connection has finished or the grace period has passed.
@@ -7,29 +8,38 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::app::App;
+use crate::config::ServerConfig;
 use crate::proxy;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// A client that has not sent its request headers within this time is disconnected.
+    /// A client that has not sent its request headers within this time is disconnected, and a
+    /// connection with no request in progress for this long (an idle HTTP/1.1 keep-alive connection,
+    /// an HTTP/2 connection without open streams) is closed, so idle clients cannot hold every slot.
     pub header_read_timeout: Duration,
     /// Larger request headers get 431.
     pub max_header_bytes: usize,
-    /// Connections beyond this wait in the kernel's accept queue.
+    /// Connections beyond this wait in the kernel's accept queue (`[server] max_connections`).
     pub max_connections: usize,
-    /// How long streams in flight may finish after a stop was asked for.
+    /// How long streams in flight may finish after a stop was asked for (`[server] shutdown_grace`).
     pub grace: Duration,
 }
 
@@ -38,11 +48,40 @@ impl Default for Limits {
         Limits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
-            max_connections: 4096,
-            grace: Duration::from_secs(30),
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+            grace: crate::config::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
+
+impl Limits {
+    /// The defaults with `[server] max_connections` and `shutdown_grace` applied.
+    pub fn from_config(server: &ServerConfig) -> Limits {
+        Limits::default().with_config(server)
+    }
+
+    /// `self`, with the `[server]` keys that are set taking precedence.
+    pub fn with_config(mut self, server: &ServerConfig) -> Limits {
+        if server.max_connections.is_some() {
+            self.max_connections = server.max_connections();
+        }
+        if server.shutdown_grace.is_some() {
+            self.grace = server.shutdown_grace();
+        }
+        self
+    }
+}
+
+/// An HTTP/2 keep-alive PING (sent after the idle timeout without a frame from the client) that gets
+/// no answer within this closes the connection: a peer that vanished while a stream was open, which
+/// would otherwise hold the stream and its slot forever. Generous, because the PING queues behind the
+/// data already in the socket's send buffer (up to a few MiB) that a slow but live client must read
+/// first.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// After an idle connection was asked to close (or a stop was asked for while it was idle), how long
+/// it may take to go away before it is dropped: an HTTP/2 client may never acknowledge the GOAWAY.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Load `tls_cert` / `tls_key` (PEM) into a server configuration offering HTTP/2 and HTTP/1.1 by ALPN.
 pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
@@ -68,6 +107,8 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Tl
 pub struct TlsError(String);
 
 /// Serve `listener` until `shutdown` resolves, then drain. With `tls`, every connection is TLS.
+/// `[server] max_connections` and `shutdown_grace` of the configuration `app` started with, when
+/// set, take precedence over `limits` (neither changes on reload).
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
@@ -75,17 +116,27 @@ pub async fn run(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = limits.with_config(&app.snapshot().config.server);
+    let idle = limits.header_read_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(idle)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(idle)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Every connection task holds a clone of `alive`: once all are gone, `drained` yields None.
+    let (alive, mut drained) = mpsc::channel::<()>(1);
+    let (stop, stopped) = watch::channel(false);
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    tracing::debug!(max_connections = limits.max_connections, grace_s = limits.grace.as_secs_f64(), "server limits");
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -105,13 +156,13 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, app, tls, watcher) = (builder.clone(), app.clone(), tls.clone(), graceful.watcher());
-        let handshake_timeout = limits.header_read_timeout;
+        let (builder, app, tls, stopped, alive) =
+            (builder.clone(), app.clone(), tls.clone(), stopped.clone(), alive.clone());
         tokio::spawn(async move {
             let result = match tls {
-                None => serve_io(&builder, watcher, app, stream, handshake_timeout).await,
-                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => serve_io(&builder, watcher, app, tls_stream, handshake_timeout).await,
+                None => serve_io(&builder, stopped, app, stream, idle).await,
+                Some(acceptor) => match tokio::time::timeout(idle, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => serve_io(&builder, stopped, app, tls_stream, idle).await,
                     Ok(Err(e)) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
                     Err(_) => Err("TLS handshake timed out".into()),
                 },
@@ -120,46 +171,151 @@ pub async fn run(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
+            drop(alive);
         });
     }
     drop(listener);
-    tracing::info!(grace_s = limits.grace.as_secs(), "stopped accepting; draining connections");
+    drop(alive);
+    stop.send_replace(true);
+    tracing::info!(grace_s = limits.grace.as_secs_f64(), "stopped accepting; draining connections");
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = drained.recv() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(limits.grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
 }
 
-/// Serve one connection. A connection that has not started a request within `first_request` is
-/// closed: hyper's `header_read_timeout` only runs once hyper-util has told HTTP/1 from HTTP/2, and
-/// that sniffing waits without a timer for a client that sends nothing (or half an HTTP/2 preface),
-/// which would otherwise hold a connection slot forever.
+/// Requests in progress on one connection, and since when it has had none.
+struct Activity {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { open: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) }
+    }
+
+    /// When the last request ended (or the connection started); `None` while a request is in progress.
+    fn idle_since(&self) -> Option<Instant> {
+        let since = *self.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+        (self.open.load(Ordering::SeqCst) == 0).then_some(since)
+    }
+}
+
+/// One request in progress: from the service call until its response body was sent or dropped.
+struct InProgress(Arc<Activity>);
+
+impl InProgress {
+    fn new(activity: &Arc<Activity>) -> InProgress {
+        activity.open.fetch_add(1, Ordering::SeqCst);
+        InProgress(activity.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in progress until hyper drops it.
+struct Tracked<B> {
+    inner: B,
+    _request: InProgress,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serve one connection until it ends, closing it once it has had no request in progress for `idle`
+/// (never started one, an idle HTTP/1.1 keep-alive, an HTTP/2 connection without open streams): the
+/// protocol sniffing of hyper-util waits without a timer for a client that sends nothing (or half an
+/// HTTP/2 preface), and hyper's HTTP/2 server has no idle timeout, so such a connection would
+/// otherwise hold a connection slot forever. When `stop` turns true the connection is shut down
+/// gracefully: requests in progress finish, no new one starts.
 async fn serve_io<I>(
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut stop: watch::Receiver<bool>,
     app: Arc<App>,
     io: I,
-    first_request: Duration,
+    idle: Duration,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let started = Arc::new(AtomicBool::new(false));
-    let seen = started.clone();
+    let activity = Arc::new(Activity::new());
+    let counter = activity.clone();
     let service = service_fn(move |req| {
-        seen.store(true, Ordering::Relaxed);
+        let request = InProgress::new(&counter);
         let app = app.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(app, req).await) }
+        async move {
+            let resp = proxy::handle(app, req).await;
+            Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _request: request }))
+        }
     });
-    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
+    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
     tokio::pin!(conn);
-    tokio::select! {
-        r = &mut conn => r,
-        () = tokio::time::sleep(first_request) => {
-            if started.load(Ordering::Relaxed) {
-                conn.await
-            } else {
-                Err(format!("no request within {first_request:?}; closed").into())
+    // Whether graceful_shutdown was asked, and when a connection asked to close is dropped if idle.
+    let mut shut = false;
+    let mut close_by: Option<Instant> = None;
+    loop {
+        if !shut && *stop.borrow() {
+            shut = true;
+            conn.as_mut().graceful_shutdown();
+            close_by = Some(Instant::now() + CLOSE_WAIT);
+        }
+        let wake = close_by.unwrap_or_else(|| match activity.idle_since() {
+            Some(since) => since + idle,
+            None => Instant::now() + idle,
+        });
+        tokio::select! {
+            r = &mut conn => return r,
+            r = stop.changed(), if !shut => {
+                if r.is_err() {
+                    // The server is gone; treat it as a stop.
+                    shut = true;
+                    conn.as_mut().graceful_shutdown();
+                    close_by = Some(Instant::now() + CLOSE_WAIT);
+                }
+            }
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                let idle_since = activity.idle_since();
+                match close_by {
+                    Some(t) if now >= t => {
+                        if idle_since.is_some() {
+                            return Err(format!("idle for {idle:?} and not closed after {CLOSE_WAIT:?}; dropped").into());
+                        }
+                        // A request is still in progress: wait for it, then count again.
+                        close_by = None;
+                    }
+                    Some(_) => {}
+                    None => {
+                        if idle_since.is_some_and(|since| now >= since + idle) {
+                            tracing::debug!(?idle, "closing an idle connection");
+                            if !shut {
+                                shut = true;
+                                conn.as_mut().graceful_shutdown();
+                            }
+                            close_by = Some(now + CLOSE_WAIT);
+                        }
+                    }
+                }
             }
         }
     }

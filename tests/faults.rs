@@ -1091,8 +1091,10 @@ fn redirects_are_followed_without_credentials_or_passed_to_the_client() {
     // Followed: the right bytes, and object storage never saw a credential.
     let started = Instant::now();
     let r = http("GET", &format!("{}/v2/follow.test/lab/redir/blobs/{digest}", regmux.url()), &[]);
-    eprintln!("[faults] redirect followed: {} in {:?}", r.status, started.elapsed());
+    let took = started.elapsed();
+    eprintln!("[faults] redirect followed: {} in {took:?}", r.status);
     assert_eq!(r.status, 200, "{}\n{}", r.text(), regmux.logs());
+    assert!(took < FAST, "following a redirect on loopback costs milliseconds, took {took:?}");
     assert!(r.complete);
     assert_eq!(r.body_digest(), digest);
     assert!(r.header("location").is_none());
@@ -1193,6 +1195,73 @@ fn tls_serving_http2_http11_and_skopeo() {
         problems.extend(check_cut_off(&what, ended, &[]).err());
     }
     assert!(problems.is_empty(), "slow clients on the TLS port:\n{}", problems.join("\n"));
+}
+
+/// TLS, HTTP/2 and a client that must log in, together: over HTTP/2 (ALPN), curl without credentials
+/// gets 401 with the Basic challenge and with them the blob; skopeo with `--src-creds`, trusting the
+/// generated CA through `--src-cert-dir`, copies the whole image.
+#[test]
+fn tls_http2_pull_by_a_client_that_must_log_in() {
+    let lab = Lab::new();
+    let pki = make_pki(&lab.dir("pki"));
+    let real = Registry::start(lab.dir("real"), RegistryOpts::plain());
+    push("small", &format!("{}/library/alpine:3.19", real.addr()), Format::Oci);
+    let out = run(Command::new("htpasswd").args(["-Bbn", "user", "pass"]), Duration::from_secs(10));
+    assert!(out.status.success(), "htpasswd: {out:?}");
+    let htpasswd = lab.write("clients.htpasswd", &out.stdout);
+    let config = regmux_config(
+        &lab,
+        &format!(
+            "tls_cert = {}\ntls_key = {}\nhtpasswd = {}\n",
+            q(pki.cert.display()),
+            q(pki.key.display()),
+            q(htpasswd.display())
+        ),
+        &format!(
+            "[backends.real]\nurl = {}\n\n\
+             [[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"real\"]\ndefault = true\n",
+            q(real.url())
+        ),
+    );
+    let regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
+    wait_log_all(&regmux, &["listening", "https"], Duration::from_secs(5));
+    let base = format!("https://127.0.0.1:{}", regmux.port());
+    let ca = pki.ca.display().to_string();
+    let layer = layer_digests("small")[1].clone();
+    let blob_url = format!("{base}/v2/library/alpine/blobs/{layer}");
+    let format = "%{http_code} %{http_version}";
+
+    for url in [format!("{base}/v2/"), blob_url.clone()] {
+        let headers = lab.path().join("anon-headers");
+        let headers_s = headers.display().to_string();
+        let o = curl(&["--cacert", &ca, "--http2", "-o", "/dev/null", "-D", &headers_s, "-w", format], &url);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "401 2", "{url} without credentials, over HTTP/2: {o:?}");
+        let head = fs::read_to_string(&headers).expect("read response headers").to_ascii_lowercase();
+        assert!(head.contains("www-authenticate: basic realm=\"regmux\""), "{head}");
+        let o = curl(&["--cacert", &ca, "--http2", "-u", "user:wrong", "-o", "/dev/null", "-w", format], &url);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "401 2", "{url} with a wrong password: {o:?}");
+    }
+
+    let out = lab.path().join("blob-h2-auth");
+    let out_s = out.display().to_string();
+    let o = curl(&["--cacert", &ca, "--http2", "-u", "user:pass", "-o", &out_s, "-w", format], &blob_url);
+    assert!(o.status.success(), "curl: {o:?}\n{}", regmux.logs());
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200 2", "blob with credentials, over HTTP/2");
+    assert_eq!(sha256_file(&out), layer);
+
+    let cert_dir = pki.cert_dir.display().to_string();
+    let src = format!("127.0.0.1:{}/library/alpine:3.19", regmux.port());
+    let (o, out) =
+        skopeo_copy(&lab, &src, &["--src-cert-dir", &cert_dir, "--src-creds", "user:pass"], "pulled-tls-auth");
+    assert!(
+        o.status.success(),
+        "skopeo over TLS with login: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        regmux.logs()
+    );
+    assert_pulled(&out, "small");
+    let (o, _) = skopeo_copy(&lab, &src, &["--src-cert-dir", &cert_dir], "pulled-tls-anon");
+    assert!(!o.status.success(), "skopeo over TLS without credentials must fail");
 }
 
 /// HTTPS backends: with `ca_file` naming the CA the backend works; without it the certificate is
@@ -1431,9 +1500,45 @@ fn reload_applies_valid_config_rejects_invalid_and_keeps_pulls_in_flight() {
 }
 
 /// SIGTERM during a slow download: regmux stops accepting at once (new connections are refused),
-/// finishes the download with the right bytes, then exits 0.
+/// finishes the download with the right bytes, then exits 0. Streaming 64 MiB keeps regmux's memory
+/// flat: its peak RSS (VmHWM) stays far below the blob's size.
 #[test]
 fn sigterm_finishes_the_running_download_then_exits_zero() {
+    stop_signal_finishes_the_running_download("TERM");
+}
+
+/// The same with SIGINT (Ctrl-C in a terminal).
+#[test]
+fn sigint_finishes_the_running_download_then_exits_zero() {
+    stop_signal_finishes_the_running_download("INT");
+}
+
+/// The most regmux's peak RSS may reach while it streams [`BIG`] (64 MiB) to one slow client. About
+/// 28 MiB were measured (debug build); a regmux that buffered the blob would need more than 64 MiB.
+const PEAK_RSS_LIMIT_KIB: u64 = 40 << 10;
+
+/// Samples `VmHWM` (peak resident set, KiB) of `pid` every 50 ms until the process is gone; the last
+/// value read is its peak over its whole life up to then.
+fn peak_rss_sampler(pid: u32) -> JoinHandle<Option<u64>> {
+    thread::spawn(move || {
+        let mut peak = None;
+        while let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            // A zombie has no memory lines left: keep the last real reading.
+            if hwm.is_none() {
+                break;
+            }
+            peak = hwm;
+            thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    })
+}
+
+fn stop_signal_finishes_the_running_download(signal: &str) {
     let lab = Lab::new();
     let reg = Registry::start(lab.dir("reg"), RegistryOpts::plain());
     let big_path = lab.path().join("big.bin");
@@ -1449,25 +1554,27 @@ fn sigterm_finishes_the_running_download_then_exits_zero() {
         ),
     );
     let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
+    let rss = peak_rss_sampler(regmux.pid());
     let mut download =
         Download::start(&format!("{}/v2/library/alpine/blobs/{big}", regmux.url()), &lab.dir("download"), SLOW_RATE);
     wait_for("the slow download to be under way", Duration::from_secs(10), || {
         (download.received() >= 2 << 20).then_some(())
     });
 
-    regmux.send_signal("TERM");
-    let term = Instant::now();
+    regmux.send_signal(signal);
+    let sent = Instant::now();
     let addr = regmux.addr().to_string();
-    let refused = wait_for("regmux to refuse new connections after SIGTERM", Duration::from_secs(5), || {
-        TcpStream::connect(&addr).is_err().then(|| term.elapsed())
-    });
-    eprintln!("[faults] new connections refused {refused:?} after SIGTERM");
+    let refused =
+        wait_for(&format!("regmux to refuse new connections after SIG{signal}"), Duration::from_secs(5), || {
+            TcpStream::connect(&addr).is_err().then(|| sent.elapsed())
+        });
+    eprintln!("[faults] new connections refused {refused:?} after SIG{signal}");
     assert!(refused < Duration::from_secs(1), "took {refused:?}");
     assert!(regmux.wait_exit(Duration::ZERO).is_none(), "regmux exited with a download in flight");
-    assert!(download.running() && download.received() < BIG, "the download is still running after SIGTERM");
+    assert!(download.running() && download.received() < BIG, "the download is still running after SIG{signal}");
 
     let (status, meta, took) = download.finish(Duration::from_secs(60));
-    eprintln!("[faults] download across SIGTERM: {meta} in {took:?}");
+    eprintln!("[faults] download across SIG{signal}: {meta} in {took:?}");
     assert!(
         status.success(),
         "curl: {status} {meta} {}",
@@ -1476,9 +1583,59 @@ fn sigterm_finishes_the_running_download_then_exits_zero() {
     assert_eq!(meta, format!("200 {BIG} 1.1"));
     assert_eq!(sha256_file(&download.out), big);
     let exit = regmux.wait_exit(Duration::from_secs(10)).expect("regmux exits once the download is done");
-    eprintln!("[faults] regmux exited {:?} after SIGTERM", term.elapsed());
+    eprintln!("[faults] regmux exited {:?} after SIG{signal}", sent.elapsed());
     assert_eq!(exit.code(), Some(0), "{}", regmux.logs());
     assert!(regmux.logs().contains("all connections drained"), "{}", regmux.logs());
+
+    let peak = rss.join().expect("RSS sampler thread").expect("VmHWM of regmux was read");
+    eprintln!("[faults] regmux peak RSS while streaming {} MiB: {} KiB", BIG >> 20, peak);
+    assert!(peak < PEAK_RSS_LIMIT_KIB, "peak RSS {peak} KiB, limit {PEAK_RSS_LIMIT_KIB} KiB: memory must stay flat");
+}
+
+/// `[server] shutdown_grace = "1s"`: a download that would take seconds more is cut when the grace
+/// ends; regmux then exits 0 at once, and the client sees an incomplete body (never a short success).
+#[test]
+fn shutdown_grace_cuts_a_download_that_outlasts_it() {
+    let lab = Lab::new();
+    let reg = Registry::start(lab.dir("reg"), RegistryOpts::plain());
+    let big_path = lab.path().join("big.bin");
+    let big = write_big_file(&big_path, 3);
+    let mut f = fs::File::open(&big_path).expect("open big file");
+    upload_blob(&reg.url(), "library/alpine", &mut f, BIG, &big);
+    let config = regmux_config(
+        &lab,
+        "shutdown_grace = \"1s\"\n",
+        &format!(
+            "[backends.reg]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"reg\"]\ndefault = true\n",
+            q(reg.url())
+        ),
+    );
+    let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
+    let mut download =
+        Download::start(&format!("{}/v2/library/alpine/blobs/{big}", regmux.url()), &lab.dir("download"), SLOW_RATE);
+    wait_for("the slow download to be under way", Duration::from_secs(10), || {
+        (download.received() >= 2 << 20).then_some(())
+    });
+
+    regmux.send_signal("TERM");
+    let sent = Instant::now();
+    let exit = regmux.wait_exit(Duration::from_secs(10)).expect("regmux exits once the grace period is over");
+    let exited = sent.elapsed();
+    eprintln!("[faults] regmux exited {exited:?} after SIGTERM with shutdown_grace = 1s");
+    assert_eq!(exit.code(), Some(0), "{}", regmux.logs());
+    assert!(
+        exited >= Duration::from_millis(900) && exited < Duration::from_secs(3),
+        "regmux must let the download run for the 1 s grace, then exit promptly: exited after {exited:?}"
+    );
+    assert!(regmux.logs().contains("grace period over"), "{}", regmux.logs());
+
+    let (status, meta, _) = download.finish(Duration::from_secs(10));
+    let got = download.received();
+    eprintln!("[faults] download cut by the grace period: curl {status}, {meta}, {got} of {BIG} bytes");
+    assert!(!status.success(), "curl must see the body cut: {status} {meta}");
+    assert_eq!(status.code(), Some(18), "curl: partial file (the body ended before Content-Length): {meta}");
+    assert!(got < BIG, "{got} bytes");
+    assert!(meta.starts_with("200 "), "{meta}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1814,6 +1971,196 @@ fn oversized_headers_get_431_and_slow_clients_are_cut_off() {
     assert!(problems.is_empty(), "slow clients:\n{}", problems.join("\n"));
 }
 
+/// How an idle client of [`idle_client`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    H2c,
+}
+
+/// What an idle client saw: the status of its one request, and how long after that answer the
+/// server closed the connection (None: not within [`SLOW_DEADLINE`]).
+#[derive(Debug)]
+struct IdleOutcome {
+    proto: Proto,
+    status: Option<u16>,
+    closed_after: Option<Duration>,
+    goaway: bool,
+}
+
+/// A well-behaved client that makes one request (`GET /v2/`), reads the answer, then keeps its
+/// connection open without a request, answering HTTP/2 PINGs as a live client does. `ready` is sent
+/// once it was answered.
+fn idle_client(addr: String, proto: Proto, ready: std::sync::mpsc::Sender<()>) -> IdleOutcome {
+    let mut s = TcpStream::connect(&addr).expect("connect idle client");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+    let mut outcome = IdleOutcome { proto, status: None, closed_after: None, goaway: false };
+    match proto {
+        Proto::Http1 => {
+            s.write_all(format!("GET /v2/ HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).expect("write request");
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let end = loop {
+                if let Some(end) = find(&buf, b"\r\n\r\n") {
+                    break end;
+                }
+                let n = s.read(&mut chunk).expect("read response head");
+                assert!(n > 0, "connection closed before the answer");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            outcome.status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("content-length");
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).expect("read response body");
+                assert!(n > 0, "connection closed in the body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+        Proto::H2c => {
+            let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            h2_frame(&mut out, 4, 0, 0, &[]);
+            h2_frame(&mut out, 4, 1, 0, &[]); // ACK of the server's SETTINGS, sent ahead
+            let mut block = Vec::new();
+            for (k, v) in [(":method", "GET"), (":scheme", "http"), (":path", "/v2/"), (":authority", addr.as_str())] {
+                block.push(0x00);
+                hpack_int(&mut block, 0, 7, k.len());
+                block.extend_from_slice(k.as_bytes());
+                hpack_int(&mut block, 0, 7, v.len());
+                block.extend_from_slice(v.as_bytes());
+            }
+            h2_frame(&mut out, 1, 0x1 | 0x4, 1, &block);
+            s.write_all(&out).expect("write h2c request");
+            loop {
+                let (kind, flags, stream, payload) = h2_read_frame(&mut s).expect("h2c answer");
+                match (kind, stream) {
+                    (1, 1) => {
+                        outcome.status = hpack_status(&payload);
+                        if flags & 1 != 0 {
+                            break;
+                        }
+                    }
+                    (0, 1) if flags & 1 != 0 => break,
+                    (6, 0) if flags & 1 == 0 => {
+                        let mut pong = Vec::new();
+                        h2_frame(&mut pong, 6, 1, 0, &payload);
+                        s.write_all(&pong).expect("PING ACK");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let answered = Instant::now();
+    let _ = ready.send(());
+    s.set_read_timeout(Some(Duration::from_millis(200))).expect("read timeout");
+    while answered.elapsed() < SLOW_DEADLINE {
+        match proto {
+            Proto::Http1 => {
+                let mut buf = [0u8; 1024];
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+                    Err(_) => break,
+                }
+            }
+            Proto::H2c => {
+                let mut head = [0u8; 9];
+                match s.peek(&mut head) {
+                    Ok(0) => break,
+                    Ok(n) if n < 9 => continue,
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+                    Err(_) => break,
+                }
+                s.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+                let Some((kind, flags, _, payload)) = h2_read_frame(&mut s) else { break };
+                s.set_read_timeout(Some(Duration::from_millis(200))).expect("read timeout");
+                match kind {
+                    6 if flags & 1 == 0 => {
+                        let mut pong = Vec::new();
+                        h2_frame(&mut pong, 6, 1, 0, &payload);
+                        if s.write_all(&pong).is_err() {
+                            break;
+                        }
+                    }
+                    7 => outcome.goaway = true,
+                    _ => {}
+                }
+                continue;
+            }
+        }
+    }
+    if answered.elapsed() < SLOW_DEADLINE {
+        outcome.closed_after = Some(answered.elapsed());
+    }
+    outcome
+}
+
+/// `[server] max_connections = 8`, all eight held by clients that made one request and then idle
+/// (HTTP/1.1 keep-alive and h2c, answering PINGs): each is closed after the 10 s idle timeout, so a
+/// new client, waiting in the accept queue meanwhile, is answered within about that time.
+#[test]
+fn idle_connections_are_closed_so_a_small_connection_cap_frees_up() {
+    let lab = Lab::new();
+    let backend = FakeServer::start("idle-backend", empty_registry);
+    let config = regmux_config(
+        &lab,
+        "max_connections = 8\n",
+        &format!(
+            "[backends.b]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"b\"]\ndefault = true\n",
+            q(backend.url())
+        ),
+    );
+    let regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let clients: Vec<_> = [Proto::Http1, Proto::H2c]
+        .into_iter()
+        .cycle()
+        .take(8)
+        .map(|proto| {
+            let (addr, ready_tx) = (regmux.addr().to_string(), ready_tx.clone());
+            thread::spawn(move || idle_client(addr, proto, ready_tx))
+        })
+        .collect();
+    for _ in 0..8 {
+        ready.recv_timeout(Duration::from_secs(10)).expect("every idle client was answered");
+    }
+    let all_idle = Instant::now();
+
+    let (r, took) = timed_get(&format!("{}/v2/", regmux.url()));
+    eprintln!("[faults] a new client with 8 of 8 connections idle: {} after {took:?}", r.status);
+    assert_eq!(r.status, 200, "{}", regmux.logs());
+    assert!(
+        took > Duration::from_secs(5),
+        "the cap of 8 was in force: the new client had to wait for a slot, took {took:?}"
+    );
+    assert!(took < Duration::from_secs(13), "answered within about the 10 s idle timeout, took {took:?}");
+
+    let mut problems = Vec::new();
+    for client in clients {
+        let o = client.join().expect("idle client thread");
+        eprintln!("[faults] idle {:?} client: {o:?}", o.proto);
+        if o.status != Some(200) {
+            problems.push(format!("{o:?}: its request was not answered 200"));
+        }
+        match o.closed_after {
+            Some(t) if t > Duration::from_secs(8) && t < Duration::from_secs(13) => {}
+            _ => problems.push(format!("{o:?}: must be closed about 10 s after its last answer")),
+        }
+        if o.proto == Proto::H2c && !o.goaway {
+            problems.push(format!("{o:?}: an HTTP/2 connection is closed with a GOAWAY"));
+        }
+    }
+    assert!(problems.is_empty(), "idle clients:\n{}", problems.join("\n"));
+    eprintln!("[faults] all idle clients closed within {:?}", all_idle.elapsed());
+}
+
 /// Harbor's proxy-cache quirk (goharbor/harbor#22609): a blob `HEAD` answers 404 until a `GET` made
 /// Harbor fetch the blob. Harbor itself cannot run here, so a fake backend plays exactly that. With
 /// `kind = "harbor"` a client's HEAD must find the blob (regmux asks with GET); with the default kind
@@ -1879,4 +2226,203 @@ fn harbor_blob_head_404_is_resolved_by_get() {
     let asked: Vec<String> = harbor.requests().iter().map(|q| format!("{} {}", q.method, q.path)).collect();
     assert!(asked.iter().any(|a| a.starts_with("GET ") && a.ends_with(&digest)), "regmux asked with GET: {asked:?}");
     assert_eq!(blob_requests(&empty), empty_before, "no fallback was needed");
+}
+
+/// Referrers API (distribution-spec "Listing Referrers"): a first backend without it (404) is passed
+/// over and the second one's OCI index reaches the client whole, with its content type, and the
+/// client's `artifactType` filter is forwarded to the backends. (No docker-registry here: distribution
+/// does not serve the referrers API, so two fake backends play a registry without and one with it.)
+#[test]
+fn referrers_come_from_the_first_backend_that_has_the_api() {
+    let lab = Lab::new();
+    let subject = sha256_bytes(b"the subject manifest");
+    let sbom = sha256_bytes(b"an sbom manifest");
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{sbom}","size":321,"artifactType":"application/spdx+json"}}]}}"#
+    );
+    let path = format!("/v2/lab/app/referrers/{subject}");
+    let without = FakeServer::start("no-referrers", empty_registry);
+    let with = {
+        let (index, path) = (index.clone(), path.clone());
+        FakeServer::start("referrers", move |req, conn| {
+            if req.path.split('?').next() == Some(path.as_str()) {
+                let filtered = req.path.contains("artifactType=");
+                let mut headers = vec![("Content-Type", OCI_INDEX)];
+                if filtered {
+                    headers.push(("OCI-Filters-Applied", "artifactType"));
+                }
+                return reply(req, conn, 200, &headers, index.as_bytes());
+            }
+            empty_registry(req, conn)
+        })
+    };
+    let config = regmux_config(
+        &lab,
+        "",
+        &format!(
+            "[backends.without]\nurl = {}\n\n[backends.with]\nurl = {}\n\n\
+             [[routes]]\nname = \"ref\"\nregistries = [\"ref.test\"]\nbackends = [\"without\", \"with\"]\n",
+            q(without.url()),
+            q(with.url())
+        ),
+    );
+    let regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
+    let url =
+        format!("{}/v2/ref.test/lab/app/referrers/{subject}?artifactType=application%2Fspdx%2Bjson", regmux.url());
+    let (r, took) = timed_get(&url);
+    eprintln!("[faults] referrers from the second backend: {} in {took:?}", r.status);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), regmux.logs());
+    assert_eq!(r.header("content-type"), Some(OCI_INDEX));
+    assert_eq!(r.text(), index, "the OCI index, byte for byte");
+    assert_eq!(r.header("oci-filters-applied"), Some("artifactType"));
+    let forwarded = format!("{path}?artifactType=application%2Fspdx%2Bjson");
+    let asked_without: Vec<FakeReq> =
+        without.requests().into_iter().filter(|q| q.path.contains("/referrers/")).collect();
+    assert!(
+        asked_without.iter().any(|q| q.method == "GET" && q.path == forwarded),
+        "the first backend was asked, with the filter: {asked_without:?}"
+    );
+    let asked_with: Vec<FakeReq> = with.requests().into_iter().filter(|q| q.path.contains("/referrers/")).collect();
+    assert!(
+        asked_with.iter().any(|q| q.method == "GET" && q.path == forwarded),
+        "artifactType was forwarded to the backend that answered: {asked_with:?}"
+    );
+
+    // Without a filter: none is forwarded, and the answer says none was applied.
+    let r = http("GET", &format!("{}/v2/ref.test/lab/app/referrers/{subject}", regmux.url()), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), index);
+    assert_eq!(r.header("oci-filters-applied"), None);
+    assert!(with.requests().iter().any(|q| q.path == path), "{:?}", with.requests());
+}
+
+/// Harbor's Docker Hub proxy-cache projects redirect a one-segment name to `library/`
+/// (`GET /v2/<project>/alpine/manifests/x` → `/v2/<project>/library/alpine/manifests/x`;
+/// goharbor/harbor#12719, shipped in v2.7; the `defaultLibrary` handling of `ManifestMiddleware` and
+/// `BlobGetMiddleware` in `src/server/middleware/repoproxy/proxy.go`, which answers 301, as
+/// goharbor/harbor#23368 describes). A route that does not add `library/` itself (here a registry
+/// that is not `docker.io`) sends such names to Harbor as they are. regmux follows the same-origin
+/// redirect with the bearer token it got for the original name; Harbor accepts it because its
+/// tokens authorize a project, not one repository, which the fake (its own token realm, robot
+/// credentials required) checks the same way. Both 301 and 307 are followed; a whole image copies.
+#[test]
+fn harbor_library_redirect_is_followed_with_the_token() {
+    let lab = Lab::new();
+    let manifest = Arc::new(manifest_bytes("small", Format::Oci));
+    let manifest_digest_ = manifest_digest("small", Format::Oci);
+    let blobs: Arc<Vec<(String, Vec<u8>)>> =
+        Arc::new(blob_digests("small").into_iter().map(|d| (d.clone(), images().blob(&d))).collect());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake harbor");
+    let realm = format!("http://{}/service/token", listener.local_addr().expect("fake harbor addr"));
+    let robot = basic_auth("robot$regmux", "robot-secret");
+    let harbor = {
+        let (manifest, digest, blobs) = (manifest.clone(), manifest_digest_.clone(), blobs.clone());
+        FakeServer::serve("harbor-library", listener, move |req, conn| {
+            let json = [("Content-Type", "application/json")];
+            let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+            if path == "/service/token" {
+                if req.header("authorization") != Some(robot.as_str()) {
+                    return reply(req, conn, 401, &json, br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
+                }
+                let scope = form_urlencoded::parse(query.as_bytes())
+                    .find(|(k, _)| k == "scope")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                let body = serde_json::json!({ "token": scope, "expires_in": 300 }).to_string();
+                return reply(req, conn, 200, &json, body.as_bytes());
+            }
+            let Some(rest) = path.strip_prefix("/v2/") else { return empty_registry(req, conn) };
+            let Some((repo, kind, reference)) = ["/manifests/", "/blobs/"].iter().find_map(|k| {
+                rest.split_once(k)
+                    .map(|(repo, reference)| (repo.to_string(), k.trim_matches('/'), reference.to_string()))
+            }) else {
+                return empty_registry(req, conn);
+            };
+            let project = repo.split('/').next().unwrap_or_default().to_string();
+            // Harbor's tokens authorize the project: any pull token for a repository of it will do.
+            let token_project = req
+                .header("authorization")
+                .and_then(|a| a.strip_prefix("Bearer repository:"))
+                .and_then(|scope| scope.split('/').next())
+                .map(String::from);
+            if token_project.as_deref() != Some(project.as_str()) {
+                let challenge =
+                    format!("Bearer realm=\"{realm}\",service=\"harbor-registry\",scope=\"repository:{repo}:pull\"");
+                return reply(req, conn, 401, &[("WWW-Authenticate", challenge.as_str())], b"");
+            }
+            let segments: Vec<&str> = repo.split('/').collect();
+            if segments.len() == 2 {
+                let status = if project == "hub-proxy" { 301 } else { 307 };
+                let location = format!("/v2/{project}/library/{}/{kind}/{reference}", segments[1]);
+                return reply(req, conn, status, &[("Location", location.as_str())], b"");
+            }
+            if segments.get(1..) != Some(&["library", "alpine"][..]) {
+                return empty_registry(req, conn);
+            }
+            if kind == "manifests" && (reference == "3.19" || reference == digest) {
+                let headers = [("Content-Type", OCI_MANIFEST), ("Docker-Content-Digest", digest.as_str())];
+                return reply(req, conn, 200, &headers, &manifest);
+            }
+            if let Some((d, bytes)) = blobs.iter().find(|(d, _)| kind == "blobs" && *d == reference) {
+                let headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", d.as_str())];
+                return reply(req, conn, 200, &headers, bytes);
+            }
+            empty_registry(req, conn)
+        })
+    };
+    let config = regmux_config(
+        &lab,
+        "",
+        &format!(
+            "[backends.harbor-hub]\nurl = {h}\nprefix = \"hub-proxy\"\nkind = \"harbor\"\n\
+             username = \"robot$regmux\"\npassword = \"robot-secret\"\n\n\
+             [backends.harbor-hub-307]\nurl = {h}\nprefix = \"hub-temp\"\nkind = \"harbor\"\n\
+             username = \"robot$regmux\"\npassword = \"robot-secret\"\n\n\
+             [[routes]]\nname = \"hub\"\nregistries = [\"hub.test\"]\nbackends = [\"harbor-hub\"]\n\n\
+             [[routes]]\nname = \"hub-307\"\nregistries = [\"hub307.test\"]\nbackends = [\"harbor-hub-307\"]\n",
+            h = q(harbor.url()),
+        ),
+    );
+    let regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
+
+    for (registry, project, status) in [("hub.test", "hub-proxy", 301), ("hub307.test", "hub-temp", 307)] {
+        let base = format!("{}/v2/{registry}/alpine", regmux.url());
+        let (r, took) = timed_get(&format!("{base}/manifests/3.19"));
+        eprintln!("[faults] Harbor {status} to library/ for a manifest: {} in {took:?}", r.status);
+        assert_eq!(r.status, 200, "{registry}: {}\n{}", r.text(), regmux.logs());
+        assert_eq!(r.body_digest(), manifest_digest_);
+        assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
+        assert!(took < FAST, "took {took:?}");
+        let h = http("HEAD", &format!("{base}/manifests/3.19"), &accept_all());
+        assert_eq!(h.status, 200, "{registry}: HEAD manifest");
+        assert_eq!(h.header("docker-content-digest"), Some(manifest_digest_.as_str()));
+        for (d, bytes) in blobs.iter() {
+            let b = http("GET", &format!("{base}/blobs/{d}"), &[]);
+            assert_eq!(b.status, 200, "{registry}: blob {d}: {}", b.text());
+            assert!(b.complete);
+            assert_eq!(b.body.len(), bytes.len());
+            assert_eq!(b.body_digest(), *d);
+            let h = http("HEAD", &format!("{base}/blobs/{d}"), &[]);
+            assert_eq!(h.status, 200, "{registry}: HEAD blob {d}");
+            assert_eq!(h.header("content-length"), Some(bytes.len().to_string().as_str()));
+        }
+        let asked = harbor.requests();
+        let original = format!("/v2/{project}/alpine/");
+        let redirected = format!("/v2/{project}/library/alpine/");
+        assert!(
+            asked.iter().any(|q| q.path.starts_with(&original) && q.header("authorization").is_some()),
+            "regmux asked for the one-segment name, authenticated: {asked:?}"
+        );
+        assert!(
+            asked.iter().any(|q| q.path.starts_with(&redirected)
+                && q.header("authorization") == Some(&*format!("Bearer repository:{project}/alpine:pull"))),
+            "regmux followed the {status} with the token of the original name: {asked:?}"
+        );
+    }
+
+    // A real client pulls the whole image through the redirect.
+    let src = format!("{}/hub.test/alpine:3.19", regmux.addr());
+    let (o, out) = skopeo_copy(&lab, &src, &["--src-tls-verify=false"], "pulled-harbor-library");
+    assert!(o.status.success(), "skopeo: {}\n{}", String::from_utf8_lossy(&o.stderr), regmux.logs());
+    assert_pulled(&out, "small");
 }
