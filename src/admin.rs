@@ -85,7 +85,7 @@ fn refresh_gauges(app: &App) {
     }
     let stats = &app.recorder.stats;
     app.metrics.ledger_queue.set(stats.depth() as i64);
-    app.metrics.ledger_dropped.set(stats.dropped.load(Ordering::Relaxed) as i64);
+    catch_up(&app.metrics.ledger_dropped, stats.dropped.load(Ordering::Relaxed));
     app.metrics.ledger_writable.set(i64::from(!stats.failing.load(Ordering::Relaxed)));
     let w = &app.warmer.stats;
     for (result, n) in [
@@ -94,8 +94,14 @@ fn refresh_gauges(app: &App) {
         ("dropped", &w.dropped),
         ("claimed_elsewhere", &w.claimed_elsewhere),
     ] {
-        app.metrics.warms.get_or_create(&crate::metrics::WarmLabels { result }).set(n.load(Ordering::Relaxed) as i64);
+        catch_up(&app.metrics.warms.get_or_create(&crate::metrics::WarmLabels { result }), n.load(Ordering::Relaxed));
     }
+}
+
+/// Bring a counter that mirrors a count kept elsewhere up to it. `fetch_max`: two scrapes racing
+/// never make the counter go back.
+fn catch_up(counter: &prometheus_client::metrics::counter::Counter, n: u64) {
+    counter.inner().fetch_max(n, Ordering::Relaxed);
 }
 
 #[derive(serde::Serialize)]

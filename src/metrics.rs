@@ -1,6 +1,7 @@
 //! Prometheus metrics (`/metrics` on the admin listener), named in Prometheus style with the
-//! `regmux_` prefix. Counters are updated where things happen; gauges that mirror state (backend up,
-//! ledger queue) are set when scraped.
+//! `regmux_` prefix. Counters are updated where things happen, except the ones that mirror a count kept
+//! elsewhere (ledger drops, warms), which catch up with it when scraped; gauges that mirror state
+//! (backend up, ledger queue) are set when scraped. prometheus-client appends `_total` to counters.
 
 use std::time::Duration;
 
@@ -51,9 +52,9 @@ pub struct Metrics {
     pub digest_mismatches: Family<BackendLabel, Counter>,
     pub backend_up: Family<BackendLabel, Gauge>,
     pub ledger_queue: Gauge,
-    pub ledger_dropped: Gauge,
+    pub ledger_dropped: Counter,
     pub ledger_writable: Gauge,
-    pub warms: Family<WarmLabels, Gauge>,
+    pub warms: Family<WarmLabels, Counter>,
     pub in_flight: Gauge,
     registry: Registry,
 }
@@ -72,7 +73,7 @@ impl Metrics {
             digest_mismatches: Family::default(),
             backend_up: Family::default(),
             ledger_queue: Gauge::default(),
-            ledger_dropped: Gauge::default(),
+            ledger_dropped: Counter::default(),
             ledger_writable: Gauge::default(),
             warms: Family::default(),
             in_flight: Gauge::default(),

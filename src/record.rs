@@ -174,7 +174,9 @@ impl Ctx {
                 return;
             }
             let miss = ctx.miss();
-            if miss == Some(Outcome::Fallback) {
+            // The target did not serve and another backend did: it lacked it (`fallback`) or failed
+            // (`error`) alike.
+            if !ctx.served_by.is_empty() && ctx.served_by != ctx.target {
                 metrics
                     .fallbacks
                     .get_or_create(&FallbackLabels {

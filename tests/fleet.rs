@@ -670,7 +670,7 @@ fn database_outage_loses_no_pull_and_no_record() {
     let mut c = Checks::default();
     c.eq("report: requests = every request sent, exactly once", report_requests(&report), total);
     c.eq("report: all served by the target", report["target_requests"].as_u64(), Some(total));
-    c.eq("regmux_ledger_dropped", metric(&admin, "regmux_ledger_dropped"), Some(0.0));
+    c.eq("regmux_ledger_dropped_total", metric(&admin, "regmux_ledger_dropped_total"), Some(0.0));
     let drained = wait_for_opt(Duration::from_secs(5), || {
         (metric(&admin, "regmux_ledger_queue_depth") == Some(0.0)).then_some(())
     });
@@ -891,6 +891,6 @@ fn a_slow_database_slows_no_pull() {
         slowest,
     );
     c.eq("report: every request, once", report_requests(&report), sent);
-    c.eq("regmux_ledger_dropped", metric(&admin, "regmux_ledger_dropped"), Some(0.0));
+    c.eq("regmux_ledger_dropped_total", metric(&admin, "regmux_ledger_dropped_total"), Some(0.0));
     c.finish(|| rx.logs());
 }

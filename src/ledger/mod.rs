@@ -62,7 +62,9 @@ pub struct Event {
     pub route: String,
     pub repository: String,
     pub reference: String,
-    /// `manifest` or `blob` (other kinds only count as traffic).
+    /// `manifest` or `blob`: the request path records nothing else (`/v2/`, tags lists and the
+    /// catalog are not content a migration moves, so they are neither misses nor traffic). A store
+    /// given another kind counts it as traffic only.
     pub kind: &'static str,
     pub digest: Option<String>,
     /// The backend that served, if any.

@@ -350,8 +350,8 @@ async fn write_batch(
     let resolve = tx
         .prepare(
             "UPDATE misses SET resolved_at = $5, resolved_by = 'target'
-             WHERE route = $1 AND repository = $2 AND reference = $3 AND kind = $4 AND resolved_at IS NULL
-               AND last_seen <= $5",
+             WHERE route = $1 AND repository = $2 AND kind = $4 AND resolved_at IS NULL AND last_seen <= $5
+               AND (reference = $3 OR ($6::text IS NOT NULL AND kind = 'manifest' AND digest = $6))",
         )
         .await?;
     let warmed = tx
@@ -404,7 +404,9 @@ async fn write_batch(
                 &e.target_asked,
             ]
         } else {
-            vec![&e.route, &e.repository, &e.reference, &e.kind, &ats[i]]
+            // A manifest the target serves also closes the misses for it under another reference
+            // (missed by tag, served by digest), as in SQLite.
+            vec![&e.route, &e.repository, &e.reference, &e.kind, &ats[i], &e.digest]
         };
         let statement = match (e.warmed, &outcomes[i]) {
             (true, _) => &warmed,

@@ -299,6 +299,111 @@ mod tests {
         assert_eq!(route_report(&s, "hub", "t", 0, 10).unwrap().open_misses, 1);
     }
 
+    /// `--since`: traffic and misses older than the window are left out, those inside it counted.
+    #[test]
+    fn since_leaves_out_older_traffic_and_misses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("l.db")).unwrap();
+        let now = super::super::now_unix();
+        let (old, new) = (now - 3 * 3600, now);
+        s.apply(&[
+            Event { at: old, ..ev("hub", "sha256:old-hit", Some("harbor"), 1000, None) },
+            Event { at: old, ..ev("hub", "sha256:old-miss", Some("mirror"), 500, Some(Outcome::Fallback)) },
+            Event { at: new, ..ev("hub", "sha256:new-hit", Some("harbor"), 30, None) },
+            Event { at: new, ..ev("hub", "sha256:new-miss", None, 0, Some(Outcome::Absent)) },
+        ])
+        .unwrap();
+
+        let r = route_report(&s, "hub", "harbor", now - 3600, 10).unwrap();
+        assert_eq!((r.requests, r.target_requests, r.bytes, r.target_bytes), (2, 1, 30, 30), "{r:#?}");
+        assert_eq!(r.target_request_share, 50.0);
+        assert_eq!(r.target_byte_share, 100.0);
+        let backends: Vec<_> = r.backends.iter().map(|b| (b.backend.as_str(), b.requests, b.bytes)).collect();
+        assert_eq!(backends, [("", 1, 0), ("harbor", 1, 30)], "the old mirror's old traffic is out");
+        assert_eq!(r.hours.len(), 1, "{:#?}", r.hours);
+        assert_eq!(r.hours[0].hour, new / 3600 * 3600);
+        assert_eq!(r.open_misses, 1);
+        let misses: Vec<_> = r.misses.iter().map(|m| m.reference.as_str()).collect();
+        assert_eq!(misses, ["sha256:new-miss"], "the old miss is out");
+
+        // The whole history: both hours and both misses.
+        let all = route_report(&s, "hub", "harbor", now - 4 * 3600, 10).unwrap();
+        assert_eq!((all.requests, all.bytes, all.open_misses, all.hours.len()), (4, 1530, 2, 2), "{all:#?}");
+    }
+
+    /// Per-hour traffic: one row per hour with its requests and the target's share of them.
+    #[test]
+    fn traffic_by_hour() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("l.db")).unwrap();
+        let (h1, h2) = (10 * 3600, 12 * 3600);
+        let at = |at: u64, served_by: Option<&str>, miss: Option<Outcome>| Event {
+            at,
+            ..ev("hub", &format!("sha256:{at}"), served_by, 10, miss)
+        };
+        s.apply(&[
+            // Hour 10: 1 of 4 from the target.
+            at(h1 + 5, Some("harbor"), None),
+            at(h1 + 60, Some("mirror"), Some(Outcome::Fallback)),
+            at(h1 + 61, Some("mirror"), Some(Outcome::Fallback)),
+            at(h1 + 3599, None, Some(Outcome::Absent)),
+            // Hour 12: 2 of 2. Another route's traffic in the same hour does not count.
+            at(h2, Some("harbor"), None),
+            at(h2 + 1800, Some("harbor"), None),
+            Event { at: h2 + 10, ..ev("quay", "sha256:q", Some("mirror"), 10, Some(Outcome::Fallback)) },
+        ])
+        .unwrap();
+        let r = route_report(&s, "hub", "harbor", 0, 10).unwrap();
+        let hours: Vec<_> =
+            r.hours.iter().map(|h| (h.hour, h.requests, h.target_requests, h.target_request_share)).collect();
+        assert_eq!(hours, [(h1, 4, 1, 25.0), (h2, 2, 2, 100.0)]);
+        assert_eq!((r.requests, r.target_requests, r.target_request_share), (6, 3, 50.0));
+    }
+
+    /// A manifest missed by tag closes when the target serves the same manifest by digest; one
+    /// with another digest, another repository or another route stays open.
+    #[test]
+    fn a_tag_miss_closes_when_the_target_serves_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("l.db")).unwrap();
+        let manifest = |repo: &str, reference: &str, digest: &str, served_by: Option<&str>, at: u64| Event {
+            at,
+            repository: repo.into(),
+            kind: "manifest",
+            digest: Some(digest.into()),
+            miss: if served_by == Some("harbor") { None } else { Some(Outcome::Fallback) },
+            ..ev("hub", reference, served_by, 100, None)
+        };
+        s.apply(&[
+            manifest("app", "1", "sha256:m1", Some("mirror"), 100),
+            manifest("app", "2", "sha256:m2", Some("mirror"), 100),
+            manifest("other", "1", "sha256:m1", Some("mirror"), 100),
+            Event { route: "quay".into(), ..manifest("app", "1", "sha256:m1", Some("mirror"), 100) },
+        ])
+        .unwrap();
+        assert_eq!(route_report(&s, "hub", "harbor", 0, 10).unwrap().open_misses, 3);
+
+        s.apply(&[manifest("app", "sha256:m1", "sha256:m1", Some("harbor"), 200)]).unwrap();
+        let r = route_report(&s, "hub", "harbor", 0, 10).unwrap();
+        let mut open: Vec<_> = r.misses.iter().map(|m| (m.repository.as_str(), m.reference.as_str())).collect();
+        open.sort();
+        assert_eq!(open, [("app", "2"), ("other", "1")], "app:1 closed, the rest open: {r:#?}");
+        assert_eq!(route_report(&s, "quay", "harbor", 0, 10).unwrap().open_misses, 1, "another route");
+        let by: String = s
+            .conn()
+            .query_row(
+                "SELECT resolved_by FROM misses WHERE route = 'hub' AND repository = 'app' AND reference = '1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(by, "target");
+        // A resolution older than the miss does not close it.
+        s.apply(&[manifest("app", "2", "sha256:m2", Some("mirror"), 300)]).unwrap();
+        s.apply(&[manifest("app", "sha256:m2", "sha256:m2", Some("harbor"), 250)]).unwrap();
+        assert_eq!(route_report(&s, "hub", "harbor", 0, 10).unwrap().open_misses, 2);
+    }
+
     #[test]
     fn utc_dates() {
         assert_eq!(utc(0), "1970-01-01 00:00:00");

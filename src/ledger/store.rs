@@ -91,6 +91,13 @@ impl Store {
                  WHERE route = ?1 AND repository = ?2 AND reference = ?3 AND kind = ?4 AND resolved_at IS NULL
                    AND last_seen <= ?5",
             )?;
+            // A manifest the target serves closes the misses for the same manifest under another
+            // reference too: missed by tag, later served by digest (or by another tag).
+            let mut resolve_digest = tx.prepare_cached(
+                "UPDATE misses SET resolved_at = ?5, resolved_by = 'target'
+                 WHERE digest = ?4 AND route = ?1 AND repository = ?2 AND kind = ?3 AND resolved_at IS NULL
+                   AND last_seen <= ?5",
+            )?;
             let mut warmed = tx.prepare_cached(
                 "UPDATE misses SET resolved_at = ?3, resolved_by = 'warm'
                  WHERE route = ?1 AND digest = ?2 AND resolved_at IS NULL AND last_seen <= ?3",
@@ -123,6 +130,9 @@ impl Store {
                     }
                     None => {
                         resolve.execute(params![e.route, e.repository, e.reference, e.kind, e.at as i64])?;
+                        if let (Some(digest), "manifest") = (&e.digest, e.kind) {
+                            resolve_digest.execute(params![e.route, e.repository, e.kind, digest, e.at as i64])?;
+                        }
                     }
                 }
             }
