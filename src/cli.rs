@@ -88,19 +88,16 @@ pub fn client_config(
     endpoint: Option<String>,
     out: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use regmux::clientconfig::{render, Client};
-    let config = load(path).map_err(|e| ConfigProblem(e.to_string()))?;
-    let endpoint = endpoint.unwrap_or_else(|| {
-        let scheme = if config.server.tls_cert.is_some() { "https" } else { "http" };
-        let port = config.server.listen.rsplit_once(':').map_or("5000", |(_, p)| p);
-        format!("{scheme}://localhost:{port}")
-    });
+    use regmux::clientconfig::{generate, Client};
     let client = match client {
         ClientKind::Docker => Client::Docker,
         ClientKind::Podman => Client::Podman,
         ClientKind::Containerd => Client::Containerd,
     };
-    for f in render(&config, client, &endpoint) {
+    // Routes and host names only: the files the configuration names (password_file, …) need not be
+    // readable, and an endpoint with a path is refused (see regmux::clientconfig).
+    let files = generate(path, client, endpoint.as_deref()).map_err(|e| ConfigProblem(e.to_string()))?;
+    for f in files {
         match &out {
             Some(dir) => {
                 let target = dir.join(f.path.trim_start_matches('/'));
@@ -120,13 +117,14 @@ pub fn client_config(
 pub fn parse_window(s: &str) -> Option<u64> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
     let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "d" => n * 86_400,
-        "h" => n * 3600,
-        "m" => n * 60,
-        "s" => n,
+    let unit_secs = match unit {
+        "d" => 86_400,
+        "h" => 3600,
+        "m" => 60,
+        "s" => 1,
         _ => return None,
-    })
+    };
+    n.checked_mul(unit_secs)
 }
 
 /// The configured ledger (or the default SQLite file) and its description.
@@ -162,7 +160,7 @@ pub fn inventory(
     let b = backend(&config, backend_name)?;
     let source = match storage {
         Some(dir) => inventory::Source::storage(dir, b)?,
-        None => inventory::Source::Api(b),
+        None => inventory::Source::api(b),
     };
     let images = runtime()?.block_on(inventory::inventory(&source, repo, concurrency))?;
     match format {
@@ -185,6 +183,30 @@ pub fn inventory(
         eprintln!("  {:?} {}:{}@{} lacks {}", i.status, i.repository, i.tag, i.digest, i.missing.join(", "));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Images done out of all, and the bytes moved so far, read from the running counter (which grows per
+/// chunk as blobs stream) and redrawn on a steady tick, so a large layer shows progress while it moves.
+/// Only on a terminal: hidden when stderr is a file or a pipe.
+fn progress_bar(images: u64, moved: Arc<std::sync::atomic::AtomicU64>) -> indicatif::ProgressBar {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(images);
+    let style = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images  {moved} moved  {msg:.dim}",
+    )
+    .map(|s| {
+        s.with_key("moved", move |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let n = moved.load(std::sync::atomic::Ordering::Relaxed);
+            let _ = w.write_str(&regmux::ledger::report::human_bytes(n));
+        })
+    })
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
 }
 
 pub enum Source {
@@ -244,18 +266,10 @@ pub fn migrate(
             items_from_inventory(&text).map_err(anyhow::Error::msg)?
         }
     };
-    let bar = indicatif::ProgressBar::new(items.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
     let migration = Migration::new(mode, dest, sources, dry_run);
+    let bar = progress_bar(items.len() as u64, migration.bytes.clone());
     let summary = rt.block_on(migration.run(items, concurrency, &|item| {
-        bar.set_message(format!(
-            "{} moved; {}",
-            regmux::ledger::report::human_bytes(migration.bytes.load(std::sync::atomic::Ordering::Relaxed)),
-            item.label()
-        ));
+        bar.set_message(item.label());
         bar.inc(1);
     }));
     bar.finish_and_clear();
@@ -291,4 +305,20 @@ pub fn migrate(
         );
     }
     Ok(if summary.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_window;
+
+    #[test]
+    fn windows() {
+        assert_eq!(parse_window("7d"), Some(604_800));
+        assert_eq!(parse_window("12h"), Some(43_200));
+        assert_eq!(parse_window("30m"), Some(1_800));
+        assert_eq!(parse_window("45s"), Some(45));
+        for bad in ["", "7", "d", "7w", "-1d", "1.5h", "99999999999999999999d", "999999999999999999d"] {
+            assert_eq!(parse_window(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -135,9 +135,28 @@ fn migrate_copy_moves_complete_images_by_digest_and_reports_the_rest() {
 
     let c = cfg.to_str().expect("utf-8");
     let i = inv.to_str().expect("utf-8");
+    let before_dry = target.requests().len();
     let dry = regmux(&["migrate", "--config", c, "--route", "hub", "--from", i, "--mode", "copy", "--dry-run"]);
-    assert!(String::from_utf8_lossy(&dry.stdout).contains("would move"), "{}", String::from_utf8_lossy(&dry.stdout));
+    let dry_text = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry_text.contains("would move"), "{dry_text}");
     assert_eq!(manifest_digest_on(&target, "library/alpine", "3.19"), None, "a dry run moves nothing");
+    // The dry run checks that the source holds every blob: partial images fail there too, not "would move".
+    for (repo, lacks) in
+        [("keycloak/keycloak", vec![layer_digests("other")[0].clone()]), ("bare/img", blob_digests("multi-arm64"))]
+    {
+        let line = dry_text.lines().find(|l| l.contains(repo)).unwrap_or_else(|| panic!("{repo}: {dry_text}"));
+        assert!(line.starts_with("failed"), "{line}");
+        for d in &lacks {
+            assert!(line.contains(d.as_str()), "{d} named: {line}");
+        }
+    }
+    assert_eq!(dry.status.code(), Some(1), "{dry_text}");
+    let writes: Vec<String> = target.requests()[before_dry..]
+        .iter()
+        .filter(|r| r.method != "HEAD" && r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(writes.is_empty(), "a dry run only reads the target: {writes:?}");
 
     let out = regmux(&["migrate", "--config", c, "--route", "hub", "--from", i, "--mode", "copy", "--format", "json"]);
     assert_eq!(out.status.code(), Some(1), "failures make a non-zero exit: {}", String::from_utf8_lossy(&out.stderr));
@@ -154,7 +173,17 @@ fn migrate_copy_moves_complete_images_by_digest_and_reports_the_rest() {
         failed.as_array().expect("failed").iter().find(|f| f["image"].as_str().unwrap_or("").starts_with("keycloak"));
     let reason = kc.expect("keycloak failed")["reason"].as_str().expect("reason");
     assert!(reason.contains(&layer_digests("other")[0]), "the partial image's missing blob is named: {reason}");
-    assert!(images("failed").iter().any(|f| f.starts_with("bare/img")), "{s:#}");
+    // Every missing digest is named, not only the first: bare/img lacks its config and its layer.
+    let bare =
+        failed.as_array().expect("failed").iter().find(|f| f["image"].as_str().unwrap_or("").starts_with("bare/img"));
+    let reason = bare.expect("bare/img failed")["reason"].as_str().expect("reason");
+    for d in blob_digests("multi-arm64") {
+        assert!(reason.contains(&d), "{d} named in: {reason}");
+    }
+    // Nothing of a partial image is sent: the blob keycloak does have stayed home.
+    for d in blob_digests("other").iter().filter(|d| **d != layer_digests("other")[0]) {
+        assert!(!blob_is_whole_on(&target, "keycloak/keycloak", d), "{d} of a partial image was copied");
+    }
     let stale = s["stale_tags"].to_string();
     assert!(stale.contains("library/mysql:8") && stale.contains(&manifest_digest("other", Format::Oci)), "{stale}");
 
@@ -207,12 +236,23 @@ fn migrate_warm_fills_a_proxy_cache_target() {
         "--format",
         "json",
     ]);
+    assert_eq!(out.status.code(), Some(1), "failures make a non-zero exit: {}", String::from_utf8_lossy(&out.stderr));
     let s = json_of(&out);
     let moved = s["moved"].to_string();
     for want in ["library/alpine:3.19@", "multi/app:1@", "library/mysql:8@"] {
         assert!(moved.contains(want), "{want} warmed: {s:#}");
     }
-    assert!(s["failed"].to_string().contains("keycloak/keycloak"), "the partial image cannot be warmed: {s:#}");
+    let reason_of = |repo: &str| -> String {
+        let failed = s["failed"].as_array().expect("failed");
+        let f = failed.iter().find(|f| f["image"].as_str().unwrap_or("").starts_with(repo));
+        f.unwrap_or_else(|| panic!("{repo} failed: {s:#}"))["reason"].as_str().expect("reason").to_owned()
+    };
+    let kc = reason_of("keycloak/keycloak");
+    assert!(kc.contains(&layer_digests("other")[0]), "the partial image's missing blob is named: {kc}");
+    let bare = reason_of("bare/img");
+    for d in blob_digests("multi-arm64") {
+        assert!(bare.contains(&d), "every missing blob of the manifest-only image is named ({d}): {bare}");
+    }
 
     // A distribution proxy stores a blob in a goroutine of its own, which may finish after the
     // response that warmed it (and needs the old mirror until then): wait for its files first.
@@ -239,6 +279,15 @@ fn migrate_warm_fills_a_proxy_cache_target() {
     for d in blob_digests("multi") {
         assert!(blob_is_whole_on(&warm, "multi/app", &d), "{d} cached in the warm target");
     }
+    // The index and each platform's manifest, and mysql by the old mirror's digest, all by digest.
+    let index = manifest_digest("multi", Format::All);
+    assert_eq!(manifest_digest_on(&warm, "multi/app", &index), Some(index.clone()));
+    for child in ["multi-amd64", "multi-arm64"] {
+        let d = manifest_digest(child, Format::Oci);
+        assert_eq!(manifest_digest_on(&warm, "multi/app", &d), Some(d.clone()), "{child}");
+    }
+    let mysql = manifest_digest("small", Format::Oci);
+    assert_eq!(manifest_digest_on(&warm, "library/mysql", &mysql), Some(mysql.clone()));
 }
 
 #[test]
@@ -291,12 +340,25 @@ fn migrate_resumes_after_kill_9_without_sending_twice() {
     for (n, img) in images.iter().cycle().take(8).enumerate() {
         assert_eq!(manifest_digest_on(&target, &format!("r{n}/img"), "1"), Some(manifest_digest(img, Format::Oci)));
     }
-    // No blob was uploaded twice into one repository.
+    // No blob's bytes were uploaded twice anywhere, across both runs and all eight repositories: a
+    // layer already in one repository of the target (pushed by the killed run, or found there by the
+    // re-run) is mounted into the next one.
     let uploads = blob_uploads(&target);
     let mut seen = std::collections::HashSet::new();
     for u in &uploads {
-        assert!(seen.insert(u), "{u} uploaded twice (before the kill: {uploads_before:?})");
+        let digest = u.split(' ').nth(1).expect("repo digest");
+        assert!(
+            seen.insert(digest.to_owned()),
+            "{u}: uploaded twice (before the kill: {uploads_before:?}; all: {uploads:?})"
+        );
     }
+    let mounts: Vec<String> = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.status == 201 && r.path.contains("mount=") && r.path.contains("from="))
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(!mounts.is_empty(), "cross-repository mounts answered 201: {:?}", target.requests());
 }
 
 /// `repo digest` of every completed blob upload (a PUT with `digest=` that got 201).
@@ -382,4 +444,74 @@ fn background_warming_fills_the_target_from_pulls() {
     for d in blob_digests("small") {
         assert!(blob_is_whole_on(&target, "library/alpine", &d), "{d} in the target");
     }
+}
+
+/// `--to` names the backend that receives the images, whatever the route's own target is.
+#[test]
+fn migrate_to_names_the_target_backend() {
+    let lab = Lab::new();
+    let old = Registry::start(lab.dir("old"), RegistryOpts::plain());
+    push("small", &format!("{}/library/alpine:3.19", old.addr()), Format::V2s2);
+    push("multi", &format!("{}/multi/app:1", old.addr()), Format::All);
+    let usual = Registry::start(lab.dir("usual"), RegistryOpts::plain());
+    let named = Registry::start(lab.dir("named"), RegistryOpts::plain());
+    // The route's target is `target` (its first backend); `named` is another backend of the file.
+    let cfg = lab.write(
+        "regmux.toml",
+        format!(
+            "{}[backends.named]\nurl = \"{}\"\n",
+            config_text(&lab, &usual.url(), &old, "backends = [\"target\", \"old\"]"),
+            named.url()
+        ),
+    );
+    let inv = lab.write(
+        "inventory.txt",
+        format!(
+            "library/alpine:3.19@{}\nmulti/app:1@{}\n",
+            manifest_digest("small", Format::V2s2),
+            manifest_digest("multi", Format::All)
+        ),
+    );
+    let (c, i) = (cfg.to_str().expect("utf-8"), inv.to_str().expect("utf-8"));
+    let out = regmux(&["migrate", "--config", c, "--route", "hub", "--from", i, "--to", "named", "--format", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json_of(&out)["moved"].as_array().map(Vec::len), Some(2));
+    assert_eq!(manifest_digest_on(&named, "library/alpine", "3.19"), Some(manifest_digest("small", Format::V2s2)));
+    assert_eq!(manifest_digest_on(&named, "multi/app", "1"), Some(manifest_digest("multi", Format::All)));
+    for d in blob_digests("small") {
+        assert!(blob_is_whole_on(&named, "library/alpine", &d), "{d}");
+    }
+    assert_eq!(manifest_digest_on(&usual, "library/alpine", "3.19"), None, "the route's own target got nothing");
+    let writes = usual.requests().iter().filter(|r| r.method != "GET" && r.method != "HEAD").count();
+    assert_eq!(writes, 0, "{:?}", usual.requests());
+}
+
+/// A catalog and a tag list longer than a page: with two entries per page, every repository and every
+/// tag is still there (the registry's `Link` is followed), and the answer equals the one-page read.
+#[test]
+fn inventory_reads_every_page() {
+    use regmux::migrate::inventory::{inventory as inventory_of, Source};
+    let lab = Lab::new();
+    let old = Registry::start(lab.dir("old"), RegistryOpts::plain());
+    let repos = ["a/one", "a/two", "b/three", "c/four", "d/five"];
+    for r in repos {
+        push("multi-amd64", &format!("{}/{r}:1", old.addr()), Format::Oci);
+    }
+    for t in ["2", "3", "4"] {
+        push("multi-arm64", &format!("{}/a/one:{t}", old.addr()), Format::Oci);
+    }
+    let cfg: regmux::config::BackendConfig = toml::from_str(&format!("url = \"{}\"", old.url())).expect("config");
+    let backend = std::sync::Arc::new(
+        regmux::backend::Backend::new("old", &cfg, std::sync::Arc::new(regmux::metrics::Metrics::new()))
+            .expect("backend"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let paged = rt.block_on(inventory_of(&Source::api_with_page(backend.clone(), 2), None, 4)).expect("paged");
+    let whole = rt.block_on(inventory_of(&Source::api(backend), None, 4)).expect("one page");
+    let listed: Vec<String> = paged.iter().map(|i| format!("{}:{}", i.repository, i.tag)).collect();
+    assert_eq!(listed, ["a/one:1", "a/one:2", "a/one:3", "a/one:4", "a/two:1", "b/three:1", "c/four:1", "d/five:1"]);
+    assert_eq!(paged, whole);
+    let catalog_pages =
+        old.requests().iter().filter(|r| r.path.starts_with("/v2/_catalog?") && r.path.contains("n=2")).count();
+    assert!(catalog_pages >= 3, "five repositories, two a page: {:?}", old.requests());
 }

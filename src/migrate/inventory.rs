@@ -17,14 +17,15 @@ use super::{manifest_accept, parse_manifest, Completeness, ImageRecord, Parsed, 
 use crate::backend::{Answer, Backend};
 use crate::registry::{Digest, RepoName};
 
+/// Entries asked for per page of the catalog and of a tag list (`?n=`); a registry may send fewer.
+pub const PAGE: usize = 1000;
+
 /// Where an inventory reads from.
 pub enum Source {
-    Api(Arc<Backend>),
+    /// The registry API, `page` entries per list request (see [`Source::api`]).
+    Api { backend: Arc<Backend>, page: usize },
     /// The storage root (the folder that holds `docker/registry/v2`), and the backend's prefix logic.
-    Storage {
-        v2: PathBuf,
-        backend: Arc<Backend>,
-    },
+    Storage { v2: PathBuf, backend: Arc<Backend> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,15 @@ pub enum InventoryError {
 }
 
 impl Source {
+    pub fn api(backend: Arc<Backend>) -> Source {
+        Source::Api { backend, page: PAGE }
+    }
+
+    /// An API source asking for `page` entries per list request (tests force pagination with it).
+    pub fn api_with_page(backend: Arc<Backend>, page: usize) -> Source {
+        Source::Api { backend, page: page.max(1) }
+    }
+
     /// A storage source; `dir` may be the `rootdirectory` of the registry or its `docker/registry/v2`.
     pub fn storage(dir: &Path, backend: Arc<Backend>) -> Result<Source, InventoryError> {
         for candidate in [dir.join("docker/registry/v2"), dir.to_path_buf()] {
@@ -51,14 +61,16 @@ impl Source {
 
     fn backend(&self) -> &Backend {
         match self {
-            Source::Api(b) | Source::Storage { backend: b, .. } => b,
+            Source::Api { backend: b, .. } | Source::Storage { backend: b, .. } => b,
         }
     }
 
     /// Repository names as clients know them (the backend's prefix removed), sorted.
     pub async fn repositories(&self) -> Result<Vec<RepoName>, InventoryError> {
         let raw = match self {
-            Source::Api(b) => api_list(b, "/v2/_catalog?n=1000".into(), None, "repositories").await?,
+            Source::Api { backend, page } => {
+                api_list(backend, format!("/v2/_catalog?n={page}"), None, "repositories").await?
+            }
             Source::Storage { v2, .. } => {
                 let mut out = Vec::new();
                 walk_repositories(&v2.join("repositories"), String::new(), &mut out)
@@ -76,9 +88,15 @@ impl Source {
     pub async fn tags(&self, repo: &RepoName) -> Result<Vec<String>, InventoryError> {
         let mapped = self.backend().map_name(repo).map_err(|e| InventoryError::Backend(e.to_string()))?;
         let mut tags = match self {
-            // A repository in the catalog whose tag list fails has no tags to inventory.
-            Source::Api(b) => {
-                api_list(b, format!("/v2/{mapped}/tags/list"), Some(&mapped), "tags").await.unwrap_or_default()
+            Source::Api { backend, page } => {
+                match api_list(backend, format!("/v2/{mapped}/tags/list?n={page}"), Some(&mapped), "tags").await {
+                    Ok(tags) => tags,
+                    // distribution answers NAME_UNKNOWN for a repository of its catalog that has no
+                    // tag (only manifests pulled by digest, say): no tags, as its storage folder says.
+                    // Any other failure is an error, never an inventory silently short of images.
+                    Err(ListError::NotFound(_)) => Vec::new(),
+                    Err(e) => return Err(InventoryError::Backend(format!("tags of {repo}: {e}"))),
+                }
             }
             Source::Storage { v2, .. } => {
                 let dir = v2.join("repositories").join(mapped.as_str()).join("_manifests/tags");
@@ -102,7 +120,7 @@ impl Source {
         let b = self.backend();
         let mapped = b.map_name(repo).map_err(|e| InventoryError::Backend(e.to_string()))?;
         match self {
-            Source::Api(_) => {
+            Source::Api { .. } => {
                 let path = format!("/v2/{mapped}/manifests/{reference}");
                 match b.fetch(&Method::GET, &path, Some(&mapped), &manifest_accept()).await {
                     Answer::Found(resp) if resp.status() == StatusCode::OK => {
@@ -143,7 +161,7 @@ impl Source {
         let b = self.backend();
         let mapped = b.map_name(repo).map_err(|e| InventoryError::Backend(e.to_string()))?;
         match self {
-            Source::Api(_) => {
+            Source::Api { .. } => {
                 let path = format!("/v2/{mapped}/blobs/{digest}");
                 match b.fetch(&Method::HEAD, &path, Some(&mapped), &HeaderMap::new()).await {
                     Answer::Found(r) => Ok(r.status() == StatusCode::OK),
@@ -199,33 +217,68 @@ fn walk_repositories(dir: &Path, prefix: String, out: &mut Vec<String>) -> std::
     Ok(())
 }
 
+#[derive(Debug, thiserror::Error)]
+enum ListError {
+    /// The first page answered 404 (`NAME_UNKNOWN` for a tag list).
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<ListError> for InventoryError {
+    fn from(e: ListError) -> InventoryError {
+        InventoryError::Backend(e.to_string())
+    }
+}
+
+/// The next page of a list: the `Link: <…>; rel="next"` target, a path (`/v2/…`) or an absolute URL
+/// (which the backend only follows on its own origin). `Ok(None)` without a next page.
+fn next_page(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let Some(link) = headers.get(http::header::LINK) else { return Ok(None) };
+    let link = link.to_str().map_err(|_| "a Link header that is not text".to_owned())?;
+    for part in link.split(',') {
+        let Some((target, params)) = part.trim().strip_prefix('<').and_then(|p| p.split_once('>')) else { continue };
+        let rel_next = params.split(';').any(|p| {
+            let p = p.trim().to_ascii_lowercase();
+            p == "rel=\"next\"" || p == "rel=next"
+        });
+        if !rel_next && !params.trim().is_empty() {
+            continue;
+        }
+        if target.starts_with("/v2/") {
+            return Ok(Some(target.to_owned()));
+        }
+        return match reqwest::Url::parse(target) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.path().starts_with("/v2/") => {
+                Ok(Some(url.to_string()))
+            }
+            _ => Err(format!("a next-page Link the inventory cannot follow: {target}")),
+        };
+    }
+    Ok(None)
+}
+
 /// Read a paginated list (`repositories` of the catalog or `tags` of a repository), following `Link`.
-async fn api_list(
-    b: &Backend,
-    first: String,
-    repo: Option<&RepoName>,
-    field: &str,
-) -> Result<Vec<String>, InventoryError> {
+async fn api_list(b: &Backend, first: String, repo: Option<&RepoName>, field: &str) -> Result<Vec<String>, ListError> {
     let mut out = Vec::new();
     let mut next = Some(first);
     let mut pages = 0;
     while let Some(path) = next.take() {
         pages += 1;
-        if pages > 10_000 {
-            break;
+        if pages > 100_000 {
+            return Err(ListError::Other(format!("{path}: more than 100000 pages")));
         }
         let resp = match b.fetch(&Method::GET, &path, repo, &HeaderMap::new()).await {
             Answer::Found(r) => r,
-            Answer::Missing(s) => return Err(InventoryError::Backend(format!("{path}: {s}"))),
-            Answer::Failed(e) => return Err(InventoryError::Backend(format!("{path}: {e}"))),
+            Answer::Missing(s) if s == StatusCode::NOT_FOUND && pages == 1 => {
+                return Err(ListError::NotFound(format!("{path}: {s}")))
+            }
+            Answer::Missing(s) => return Err(ListError::Other(format!("{path}: {s}"))),
+            Answer::Failed(e) => return Err(ListError::Other(format!("{path}: {e}"))),
         };
-        next = resp
-            .headers()
-            .get(http::header::LINK)
-            .and_then(|l| l.to_str().ok())
-            .and_then(|l| l.trim().strip_prefix('<')?.split_once('>').map(|(t, _)| t.to_owned()))
-            .filter(|t| t.starts_with("/v2/"));
-        let v: serde_json::Value = resp.json_bytes().await.map_err(InventoryError::Backend)?;
+        next = next_page(resp.headers()).map_err(|e| ListError::Other(format!("{path}: {e}")))?;
+        let v: serde_json::Value = resp.json_bytes().await.map_err(|e| ListError::Other(format!("{path}: {e}")))?;
         if let Some(items) = v.get(field).and_then(|x| x.as_array()) {
             out.extend(items.iter().filter_map(|x| x.as_str().map(str::to_owned)));
         }
@@ -325,4 +378,70 @@ pub async fn inventory(
     }
     out.sort_by(|a, b| (&a.repository, &a.tag).cmp(&(&b.repository, &b.tag)));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::stub::{Reply, Stub};
+    use std::sync::OnceLock;
+
+    /// A registry whose catalog has two pages, the next one named by an absolute URL (as some
+    /// registries and proxies send; distribution sends a path), and whose tag lists answer
+    /// as `tags` says.
+    async fn paged(tags: fn(&str) -> Reply, next_host: Option<&'static str>) -> Stub {
+        let url = Arc::new(OnceLock::<String>::new());
+        let own = url.clone();
+        let stub = Stub::start(move |_, path| {
+            let base = next_host.map_or_else(|| own.get().cloned().unwrap_or_default(), str::to_owned);
+            match path {
+                "/v2/_catalog?n=2" => Reply::ok(r#"{"repositories":["a/one","a/two"]}"#)
+                    .header("Link", &format!("<{base}/v2/_catalog?last=a%2Ftwo&n=2>; rel=\"next\"")),
+                "/v2/_catalog?last=a%2Ftwo&n=2" => Reply::ok(r#"{"repositories":["b/three"]}"#),
+                p if p.contains("/tags/list") => tags(p),
+                _ => Reply::status(404),
+            }
+        })
+        .await;
+        url.set(stub.url.clone()).unwrap();
+        stub
+    }
+
+    #[tokio::test]
+    async fn an_absolute_next_link_on_the_same_host_is_followed() {
+        let stub = paged(|_| Reply::ok(r#"{"tags":["1"]}"#), None).await;
+        let src = Source::api_with_page(stub.backend("old"), 2);
+        let repos: Vec<String> = src.repositories().await.unwrap().iter().map(|r| r.to_string()).collect();
+        assert_eq!(repos, ["a/one", "a/two", "b/three"], "the second page was read");
+    }
+
+    #[tokio::test]
+    async fn a_next_link_to_another_host_is_an_error_not_a_short_list() {
+        let stub = paged(|_| Reply::ok(r#"{"tags":["1"]}"#), Some("http://elsewhere.invalid:5000")).await;
+        let src = Source::api_with_page(stub.backend("old"), 2);
+        assert!(src.repositories().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failing_tag_list_fails_the_inventory() {
+        let stub = paged(
+            |p| match p {
+                p if p.starts_with("/v2/b/three/") => Reply::status(500),
+                // distribution's answer for a repository without tags
+                p if p.starts_with("/v2/a/two/") => {
+                    Reply { body: br#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#.to_vec(), ..Reply::status(404) }
+                }
+                _ => Reply::ok(r#"{"tags":["1"]}"#),
+            },
+            None,
+        )
+        .await;
+        let src = Source::api_with_page(stub.backend("old"), 2);
+        assert_eq!(src.tags(&"a/one".parse().unwrap()).await.unwrap(), ["1"]);
+        assert!(src.tags(&"a/two".parse().unwrap()).await.unwrap().is_empty(), "no tags is not a failure");
+        let e = src.tags(&"b/three".parse().unwrap()).await.expect_err("a 500 is not an empty list");
+        assert!(e.to_string().contains("b/three"), "{e}");
+        let e = inventory(&src, None, 4).await.expect_err("the whole inventory fails");
+        assert!(e.to_string().contains("500"), "{e}");
+    }
 }

@@ -7,6 +7,8 @@
 //! cannot make the target serve different bytes than the old mirror did.
 
 pub mod inventory;
+#[cfg(test)]
+pub(crate) mod stub;
 pub mod transfer;
 
 use serde::{Deserialize, Serialize};

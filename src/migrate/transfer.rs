@@ -3,11 +3,14 @@
 //! - `warm` (a Harbor proxy-cache project, which refuses pushes): GET the manifest by digest through the
 //!   target, GET every blob in full (digest verified), then confirm the target serves the manifest by
 //!   digest, polling with backoff (Harbor stores a manifest only after its blobs).
-//! - `copy` (a registry that accepts pushes): blobs first (cross-repository mount when this run already
-//!   pushed the blob elsewhere, else a streamed upload that the target verifies), then manifests by
-//!   digest (children of an index first), then the tag — byte-identical digests.
+//! - `copy` (a registry that accepts pushes): blobs first (cross-repository mount when the blob is known
+//!   to be in another repository of the target, because this run pushed it there or found it there,
+//!   else a streamed upload that the target verifies), then manifests by digest (children of an index
+//!   first), then the tag — byte-identical digests. An image whose blobs are not all on a source fails
+//!   before any of its bytes are sent, naming every missing digest (a dry run checks the same).
 //!
-//! What the target already has is skipped, so a re-run after an interruption resumes. A tag that
+//! What the target already has is skipped, so a re-run after an interruption resumes; the blobs of what
+//! it already has become mount sources, so a re-run does not upload a shared layer again. A tag that
 //! points elsewhere on the target is never overwritten: the old mirror's digest is what moves, and the
 //! report says the tag is stale.
 
@@ -81,11 +84,14 @@ pub struct Migration {
     pub dest: Arc<Backend>,
     pub sources: Vec<Arc<Backend>>,
     pub dry_run: bool,
-    /// Bytes moved so far (for progress).
-    pub bytes: AtomicU64,
-    /// Blobs this run put into the target, and where (copy: for cross-repository mounts; warm: the
-    /// first repository it was warmed in).
+    /// Bytes moved so far, counted per chunk while they stream (for progress).
+    pub bytes: Arc<AtomicU64>,
+    /// Warm: the first repository this run warmed each blob in.
     pushed: Mutex<HashMap<Digest, RepoName>>,
+    /// Copy: blobs known to be in the target, and the (mapped) repositories known to hold each, for
+    /// cross-repository mounts: pushed or mounted by this run, or found there (a blob `HEAD`, or a
+    /// manifest the target already had).
+    in_target: Mutex<HashMap<Digest, BTreeSet<RepoName>>>,
     /// One lock per blob digest: images copied concurrently that share a layer wait for the first
     /// upload and then mount it, instead of each uploading it.
     blob_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
@@ -96,7 +102,21 @@ pub struct Migration {
     /// likewise) stores a blob in the background once per digest at a time, and a request for the same
     /// digest in another repository while that store runs gets the bytes but no copy of its own.
     rewarm: Mutex<Vec<(RepoName, String, Digest)>>,
+    /// Warm mode: how [`Migration::confirm`] polls.
+    confirm_backoff: Backoff,
 }
+
+/// Bounded polling: `attempts` tries, sleeping `first`, then twice as long each time up to `max`.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    first: Duration,
+    max: Duration,
+    attempts: u32,
+}
+
+/// About 24 s in all before a warm is declared unconfirmed.
+const CONFIRM_BACKOFF: Backoff =
+    Backoff { first: Duration::from_millis(250), max: Duration::from_secs(8), attempts: 8 };
 
 /// How one item went.
 enum Done {
@@ -111,11 +131,58 @@ impl Migration {
             dest,
             sources,
             dry_run,
-            bytes: AtomicU64::new(0),
+            bytes: Arc::default(),
             pushed: Mutex::default(),
+            in_target: Mutex::default(),
             blob_locks: Mutex::default(),
             manifests: Mutex::default(),
             rewarm: Mutex::default(),
+            confirm_backoff: CONFIRM_BACKOFF,
+        }
+    }
+
+    #[cfg(test)]
+    fn with_confirm_backoff(mut self, first: Duration, max: Duration, attempts: u32) -> Migration {
+        self.confirm_backoff = Backoff { first, max, attempts };
+        self
+    }
+
+    /// Copy: `mapped` (a repository of the target) holds `digest`; a mount source from now on.
+    fn remember(&self, digest: &Digest, mapped: &RepoName) {
+        if let Ok(mut m) = self.in_target.lock() {
+            m.entry(digest.clone()).or_default().insert(mapped.clone());
+        }
+    }
+
+    /// A repository of the target other than `mapped` known to hold the blob.
+    fn mount_source(&self, digest: &Digest, mapped: &RepoName) -> Option<RepoName> {
+        let m = self.in_target.lock().ok()?;
+        m.get(digest)?.iter().find(|r| *r != mapped).cloned()
+    }
+
+    /// Whether `mapped` is known to hold the blob.
+    fn known_in(&self, digest: &Digest, mapped: &RepoName) -> bool {
+        self.in_target.lock().is_ok_and(|m| m.get(digest).is_some_and(|s| s.contains(mapped)))
+    }
+
+    /// Copy: the target already holds this manifest, so it holds everything it refers to (a registry
+    /// accepts a manifest only then): record its blobs (and its children's) as mount sources. Best
+    /// effort: a manifest it cannot read only costs a later upload.
+    async fn remember_blobs_of(&self, repo: &RepoName, bytes: Bytes) {
+        let Ok(mapped) = self.dest.map_name(repo) else { return };
+        let mut stack = vec![(bytes, 0)];
+        while let Some((bytes, depth)) = stack.pop() {
+            match parse_manifest(&bytes) {
+                Ok(Parsed::Image(blobs)) => blobs.iter().for_each(|(d, _)| self.remember(d, &mapped)),
+                Ok(Parsed::Index(children)) if depth < 2 => {
+                    for (child, _) in children {
+                        if let Ok(Some((b, _))) = get_manifest(&self.dest, repo, &child).await {
+                            stack.push((b, depth + 1));
+                        }
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
@@ -165,7 +232,7 @@ impl Migration {
     async fn one(&self, item: &Item) -> Result<Done, String> {
         let mut digests = Vec::new();
         let moved = match item.kind {
-            Kind::Blob => self.blob(&item.repository, &item.digest).await?,
+            Kind::Blob => self.blob(&item.repository, &item.digest, false).await.map_err(String::from)?,
             Kind::Manifest => self.manifest(&item.repository, &item.digest, &mut digests).await?,
         };
         digests.push(item.digest.clone());
@@ -187,9 +254,11 @@ impl Migration {
         digest: &Digest,
         digests: &mut Vec<Digest>,
     ) -> Result<Option<u64>, String> {
-        if self.mode == Mode::Copy && self.dest_has_manifest(repo, digest).await? {
-            // A registry accepts a manifest only once everything it refers to is there.
-            return Ok(None);
+        if self.mode == Mode::Copy {
+            if let Some((bytes, _)) = get_manifest(&self.dest, repo, digest).await? {
+                self.remember_blobs_of(repo, bytes).await;
+                return Ok(None);
+            }
         }
         let (bytes, content_type) = match self.mode {
             Mode::Copy => self.source_manifest(repo, digest).await?,
@@ -199,22 +268,61 @@ impl Migration {
         let mut any = self.mode == Mode::Copy;
         match parse_manifest(&bytes)? {
             Parsed::Index(children) => {
+                // Every child is tried, so the reason names everything that is missing.
+                let mut failures = Vec::new();
                 for (child, _) in children {
-                    let m = Box::pin(self.manifest(repo, &child, digests)).await?;
-                    digests.push(child);
-                    if let Some(b) = m {
-                        moved += b;
-                        any = true;
+                    match Box::pin(self.manifest(repo, &child, digests)).await {
+                        Ok(Some(b)) => {
+                            moved += b;
+                            any = true;
+                        }
+                        Ok(None) => {}
+                        Err(e) => failures.push(format!("{child}: {e}")),
                     }
+                    digests.push(child);
+                }
+                if !failures.is_empty() {
+                    return Err(failures.join("; "));
                 }
             }
             Parsed::Image(blobs) => {
+                let lacking = match self.mode {
+                    Mode::Copy => Some(self.copy_precheck(repo, &blobs).await?),
+                    Mode::Warm => None,
+                };
+                let mut missing = Vec::new();
+                let mut other = Vec::new();
                 for (d, _) in blobs {
-                    if let Some(b) = self.blob(repo, &d).await? {
-                        moved += b;
-                        any = true;
+                    if lacking.as_ref().is_some_and(|l| !l.contains(&d)) {
+                        digests.push(d);
+                        continue;
+                    }
+                    match self.blob(repo, &d, lacking.is_some()).await {
+                        Ok(Some(b)) => {
+                            moved += b;
+                            any = true;
+                        }
+                        Ok(None) => {}
+                        // Warm: a blob the target cannot fetch does not stop the others.
+                        Err(BlobError::Missing(e)) if self.mode == Mode::Warm => missing.push((d.clone(), e)),
+                        Err(BlobError::Other(e)) if self.mode == Mode::Warm => other.push(e),
+                        Err(BlobError::Missing(e) | BlobError::Other(e)) => return Err(e),
                     }
                     digests.push(d);
+                }
+                if !missing.is_empty() || !other.is_empty() {
+                    let mut reason = Vec::new();
+                    if !missing.is_empty() {
+                        let list: Vec<&str> = missing.iter().map(|(d, _)| d.as_str()).collect();
+                        reason.push(format!(
+                            "the target cannot fetch {} blob(s): {} ({})",
+                            missing.len(),
+                            list.join(", "),
+                            missing[0].1
+                        ));
+                    }
+                    reason.extend(other);
+                    return Err(reason.join("; "));
                 }
             }
         }
@@ -228,21 +336,92 @@ impl Migration {
         Ok(any.then_some(moved))
     }
 
-    /// Bring one blob over; `None` if the target had it.
-    async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, String> {
-        let lock = self.blob_locks.lock().map_err(|e| e.to_string())?.entry(digest.clone()).or_default().clone();
-        let _one_at_a_time = lock.lock().await;
+    /// Copy, before anything of an image is sent: which of its blobs the target lacks (those it has
+    /// become mount sources); an error naming every blob that is neither on the target, nor known in
+    /// another of its repositories, nor on any source. A dry run checks the same.
+    async fn copy_precheck(&self, repo: &RepoName, blobs: &[(Digest, u64)]) -> Result<BTreeSet<Digest>, String> {
         let mapped = self.dest.map_name(repo).map_err(|e| e.to_string())?;
+        let mut lacking = BTreeSet::new();
+        let mut missing = Vec::new();
+        for (d, _) in blobs {
+            if lacking.contains(d) {
+                continue;
+            }
+            if self.dest_has_blob(&mapped, d).await {
+                self.remember(d, &mapped);
+                continue;
+            }
+            if self.mount_source(d, &mapped).is_none() && !self.source_has_blob(repo, d).await? {
+                missing.push(d.as_str());
+            }
+            lacking.insert(d.clone());
+        }
+        if !missing.is_empty() {
+            let names: Vec<&str> = self.sources.iter().map(|s| &*s.name).collect();
+            return Err(format!(
+                "{} blob(s) missing on every source ({}): {}",
+                missing.len(),
+                names.join(", "),
+                missing.join(", ")
+            ));
+        }
+        Ok(lacking)
+    }
+
+    /// Whether the target answers a blob `HEAD` with 200.
+    async fn dest_has_blob(&self, mapped: &RepoName, digest: &Digest) -> bool {
         let path = format!("/v2/{mapped}/blobs/{digest}");
-        // A HEAD tells whether the target has the blob, except on a distribution proxy, where a HEAD
-        // itself fetches the blob upstream (and answers 200): a warm target that is not Harbor (whose
-        // HEAD answers 404 until a GET fetched the blob) is read in full every time.
-        let head_is_honest = self.mode == Mode::Copy || self.dest.kind == BackendKind::Harbor;
-        if head_is_honest {
-            if let Answer::Found(r) = self.dest.fetch(&Method::HEAD, &path, Some(&mapped), &HeaderMap::new()).await {
-                if r.status() == StatusCode::OK {
-                    return Ok(None);
+        matches!(self.dest.fetch(&Method::HEAD, &path, Some(mapped), &HeaderMap::new()).await,
+            Answer::Found(r) if r.status() == StatusCode::OK)
+    }
+
+    /// Whether any source holds the blob (a `HEAD`); an error if a source cannot answer.
+    async fn source_has_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, String> {
+        let mut failed = Vec::new();
+        for s in &self.sources {
+            let mapped = s.map_name(repo).map_err(|e| e.to_string())?;
+            let path = format!("/v2/{mapped}/blobs/{digest}");
+            match s.fetch(&Method::HEAD, &path, Some(&mapped), &HeaderMap::new()).await {
+                Answer::Found(r) if r.status() == StatusCode::OK => return Ok(true),
+                Answer::Found(_) | Answer::Missing(_) => {}
+                Answer::Failed(e) => failed.push(format!("{}: {e}", s.name)),
+            }
+        }
+        if failed.is_empty() {
+            Ok(false)
+        } else {
+            Err(format!("blob {digest}: {}", failed.join("; ")))
+        }
+    }
+
+    /// Bring one blob over; `None` if the target had it. `checked`: copy mode, the precheck found the
+    /// target lacking it, so only what this run did since matters (no second `HEAD`).
+    async fn blob(&self, repo: &RepoName, digest: &Digest, checked: bool) -> Result<Option<u64>, BlobError> {
+        let lock = self
+            .blob_locks
+            .lock()
+            .map_err(|e| BlobError::Other(e.to_string()))?
+            .entry(digest.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock.lock().await;
+        let mapped = self.dest.map_name(repo).map_err(|e| BlobError::Other(e.to_string()))?;
+        let path = format!("/v2/{mapped}/blobs/{digest}");
+        if checked {
+            // Another image of this run may have put it into the same repository meanwhile.
+            if self.known_in(digest, &mapped) {
+                return Ok(None);
+            }
+        } else {
+            // A HEAD tells whether the target has the blob, except on a distribution proxy, where a
+            // HEAD itself fetches the blob upstream (and answers 200): a warm target that is not Harbor
+            // (whose HEAD answers 404 until a GET fetched the blob) is read in full every time.
+            let head_is_honest = self.mode == Mode::Copy || self.dest.kind == BackendKind::Harbor;
+            if head_is_honest && self.dest_has_blob(&mapped, digest).await {
+                if self.mode == Mode::Copy {
+                    self.remember(digest, &mapped);
                 }
+                return Ok(None);
             }
         }
         if self.dry_run {
@@ -254,7 +433,7 @@ impl Migration {
                 let first = self
                     .pushed
                     .lock()
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| BlobError::Other(e.to_string()))?
                     .entry(digest.clone())
                     .or_insert(repo.clone())
                     .clone();
@@ -265,39 +444,41 @@ impl Migration {
                 }
                 n
             }
-            Mode::Copy => self.copy_blob(repo, &mapped, digest).await?,
+            Mode::Copy => self.copy_blob(repo, &mapped, digest).await.map_err(BlobError::Other)?,
         };
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(Some(bytes))
     }
 
     /// GET a blob in full through the target (which then stores it), verifying its digest.
-    async fn warm_blob(&self, mapped: &RepoName, path: &str, digest: &Digest) -> Result<u64, String> {
+    async fn warm_blob(&self, mapped: &RepoName, path: &str, digest: &Digest) -> Result<u64, BlobError> {
         let resp = match self.dest.fetch(&Method::GET, path, Some(mapped), &HeaderMap::new()).await {
             Answer::Found(r) if r.status() == StatusCode::OK => r,
-            Answer::Found(r) => return Err(format!("target answered {} for blob {digest}", r.status())),
-            Answer::Missing(s) => return Err(format!("target cannot fetch blob {digest}: {s}")),
-            Answer::Failed(e) => return Err(format!("target, blob {digest}: {e}")),
+            Answer::Found(r) => {
+                return Err(BlobError::Other(format!("target answered {} for blob {digest}", r.status())))
+            }
+            Answer::Missing(s) => return Err(BlobError::Missing(format!("target answered {s}"))),
+            Answer::Failed(e) => return Err(BlobError::Other(format!("target, blob {digest}: {e}"))),
         };
         let mut hasher = Hasher::new();
         let mut n = 0u64;
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| format!("blob {digest}: {e}"))?;
+            let chunk = chunk.map_err(|e| BlobError::Other(format!("blob {digest}: {e}")))?;
             n += chunk.len() as u64;
+            self.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             hasher.update(&chunk);
         }
         if hasher.hex() != digest.hex() {
-            return Err(format!("blob {digest}: the target's bytes do not match the digest"));
+            return Err(BlobError::Other(format!("blob {digest}: the target's bytes do not match the digest")));
         }
         Ok(n)
     }
 
-    /// Put a blob into the target: mount it from a repository this run already pushed it to, or
+    /// Put a blob into the target: mount it from a repository of the target known to hold it, or
     /// stream it from the first source that has it (the target checks the digest on the PUT).
     async fn copy_blob(&self, repo: &RepoName, mapped: &RepoName, digest: &Digest) -> Result<u64, String> {
         let scope = format!("repository:{mapped}:pull,push");
-        let from = self.pushed.lock().ok().and_then(|m| m.get(digest).cloned());
+        let from = self.mount_source(digest, mapped);
         let mut post = format!("/v2/{mapped}/blobs/uploads/");
         if let Some(f) = &from {
             post.push_str(&format!("?mount={digest}&from={f}"));
@@ -308,6 +489,7 @@ impl Migration {
             .await
             .map_err(|e| e.to_string())?;
         if resp.status() == StatusCode::CREATED && from.is_some() {
+            self.remember(digest, mapped);
             return Ok(0);
         }
         if resp.status() != StatusCode::ACCEPTED {
@@ -331,9 +513,7 @@ impl Migration {
         if resp.status() != StatusCode::CREATED {
             return Err(format!("target refused blob {digest}: {}", resp.status()));
         }
-        if let Ok(mut m) = self.pushed.lock() {
-            m.insert(digest.clone(), mapped.clone());
-        }
+        self.remember(digest, mapped);
         Ok(size.unwrap_or(0))
     }
 
@@ -346,7 +526,13 @@ impl Migration {
             {
                 Answer::Found(r) if r.status() == StatusCode::OK => {
                     let len = r.content_length();
-                    return Ok((reqwest::Body::wrap_stream(r.bytes_stream()), len));
+                    let moved = self.bytes.clone();
+                    let counted = r.bytes_stream().inspect(move |c| {
+                        if let Ok(c) = c {
+                            moved.fetch_add(c.len() as u64, Ordering::Relaxed);
+                        }
+                    });
+                    return Ok((reqwest::Body::wrap_stream(counted), len));
                 }
                 Answer::Found(r) => tried.push(format!("{}: {}", s.name, r.status())),
                 Answer::Missing(st) => tried.push(format!("{}: {st}", s.name)),
@@ -437,15 +623,41 @@ impl Migration {
     /// Warm mode: the target must now serve the manifest by digest. Harbor stores a proxied manifest
     /// only after its blobs, so poll with backoff, bounded.
     async fn confirm(&self, repo: &RepoName, digest: &Digest) -> Result<(), String> {
-        let mut wait = Duration::from_millis(250);
-        for _ in 0..8 {
+        let Backoff { first, max, attempts } = self.confirm_backoff;
+        let mut wait = first;
+        for attempt in 1..=attempts {
             if self.dest_has_manifest(repo, digest).await? {
                 return Ok(());
             }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(8));
+            if attempt < attempts {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(max);
+            }
         }
-        Err(format!("the target does not serve {digest} after warming"))
+        Err(format!("the target does not serve {digest} after warming ({attempts} tries)"))
+    }
+}
+
+/// Why a blob did not come over.
+enum BlobError {
+    /// Warm: the target cannot fetch the blob (it answered 404).
+    Missing(String),
+    Other(String),
+}
+
+impl std::fmt::Display for BlobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlobError::Missing(s) | BlobError::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<BlobError> for String {
+    fn from(e: BlobError) -> String {
+        match e {
+            BlobError::Missing(s) | BlobError::Other(s) => s,
+        }
     }
 }
 
@@ -542,6 +754,78 @@ pub fn items_from_ledger(misses: Vec<crate::ledger::OpenMiss>) -> Vec<Item> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migrate::stub::{Reply, Stub};
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    /// A target whose manifest `HEAD`s answer 404 `missing` times, then 200 (never, with `None`).
+    async fn polled_target(missing: Option<usize>) -> (Stub, Arc<AtomicUsize>) {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let p = polls.clone();
+        let stub = Stub::start(move |method, path| {
+            if method != "HEAD" || !path.contains("/manifests/") {
+                return Reply::status(404);
+            }
+            let n = p.fetch_add(1, Ordering::SeqCst) + 1;
+            match missing {
+                Some(m) if n > m => {
+                    Reply::ok("{}").header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                }
+                _ => Reply::status(404),
+            }
+        })
+        .await;
+        (stub, polls)
+    }
+
+    #[tokio::test]
+    async fn confirm_polls_until_the_target_stores_the_manifest() {
+        let digest: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let repo: RepoName = "library/alpine".parse().unwrap();
+        let (stub, polls) = polled_target(Some(2)).await;
+        let m = Migration::new(Mode::Warm, stub.backend("target"), Vec::new(), false).with_confirm_backoff(
+            Duration::from_millis(20),
+            Duration::from_millis(40),
+            5,
+        );
+        let started = Instant::now();
+        m.confirm(&repo, &digest).await.expect("the third poll finds it");
+        assert_eq!(polls.load(Ordering::SeqCst), 3, "404, 404, then 200");
+        assert!(started.elapsed() >= Duration::from_millis(60), "it backed off between polls (20 + 40 ms)");
+    }
+
+    #[tokio::test]
+    async fn confirm_gives_up_after_a_bounded_number_of_polls() {
+        let digest: Digest = format!("sha256:{}", "b".repeat(64)).parse().unwrap();
+        let repo: RepoName = "library/alpine".parse().unwrap();
+        let (stub, polls) = polled_target(None).await;
+        let m = Migration::new(Mode::Warm, stub.backend("target"), Vec::new(), false).with_confirm_backoff(
+            Duration::from_millis(10),
+            Duration::from_millis(40),
+            5,
+        );
+        let started = Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(5), m.confirm(&repo, &digest))
+            .await
+            .expect("confirm returns in bounded time")
+            .expect_err("a manifest never served is a failure");
+        assert!(e.contains(digest.as_str()) && e.contains("5 tries"), "{e}");
+        assert_eq!(polls.load(Ordering::SeqCst), 5, "exactly the configured number of polls");
+        // Sleeps of 10, 20, 40, 40 ms between the five polls; none after the last.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(110) && took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[test]
+    fn the_default_confirm_backoff_is_bounded() {
+        let Backoff { first, max, attempts } = CONFIRM_BACKOFF;
+        let (mut wait, mut total) = (first, Duration::ZERO);
+        for _ in 1..attempts {
+            total += wait;
+            wait = (wait * 2).min(max);
+        }
+        assert!(total > Duration::from_secs(10) && total < Duration::from_secs(30), "{total:?}");
+    }
 
     #[test]
     fn inventory_text_lines() {
