@@ -1,6 +1,9 @@
-//! Complete image pulls through regmux by the real clients it serves: skopeo (containers/image, as
-//! Podman) through a `registries.conf` path-prefix mirror, containerd through `hosts.toml` (`ns`
-//! routing), and dockerd with `--registry-mirror` (the default route, `library/` names).
+//! Complete image pulls through regmux by the real clients it serves, each configured with exactly the
+//! files `regmux client-config` writes: skopeo (containers/image, as Podman) through the
+//! `registries.conf` path-prefix mirror, containerd through the `hosts.toml` files (`ns` routing), and
+//! dockerd started with the generated `daemon.json` as its `--config-file` (Docker Hub through
+//! `registry-mirrors`, the default route, `library/` names; other registries by the names in the
+//! generated image-names file). dockerd also logs in to regmux when it asks for client credentials.
 //!
 //! The backends play the migration of `DESIGN.md`: "harbor" holds images under project prefixes
 //! (`hub-proxy/…`, `quay-proxy/…`) and lacks one layer of one image (a partly cached proxy-cache
@@ -26,6 +29,11 @@ struct Setup {
 /// `quay.io/multi/app:1` (a two-platform OCI index). Harbor has alpine and keycloak under its
 /// project prefixes but lacks keycloak's first layer, and does not have the index at all.
 fn setup() -> Setup {
+    setup_with_server("")
+}
+
+/// [`setup`] with extra `[server]` settings (e.g. `htpasswd = "…"`).
+fn setup_with_server(server: &str) -> Setup {
     let lab = Lab::new();
     let harbor = Registry::start(lab.dir("harbor"), RegistryOpts::plain());
     let old = Registry::start(lab.dir("old"), RegistryOpts::plain());
@@ -57,7 +65,7 @@ name = "quay.io"
 registries = ["quay.io"]
 backends = ["harbor-quay", "old-quay"]
 "#,
-        header = config_header(&lab.path().join("ledger.db")),
+        header = config_header(&lab.path().join("ledger.db")).replacen("[server]\n", &format!("[server]\n{server}"), 1),
         harbor = harbor.url(),
         old = old.url(),
     );
@@ -181,15 +189,20 @@ fn containerd_and_dockerd_pull_complete_images() {
     assert_eq!(containerd.image_digest("quay.io/multi/app:1"), Some(manifest_digest("multi", Format::All)));
     drop(containerd);
 
-    // dockerd: Docker Hub through the mirror, one-segment name → library/alpine on the default route.
-    // The mirror is the one `regmux client-config --for docker` puts in daemon.json.
-    let daemon: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(client_config(&s, "docker").join("etc/docker/daemon.json")).expect("read daemon.json"),
-    )
-    .expect("daemon.json");
+    // dockerd, started with the daemon.json `regmux client-config --for docker` writes as its config file.
+    let docker_dir = client_config(&s, "docker");
+    let daemon_json = docker_dir.join("etc/docker/daemon.json");
+    let daemon: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&daemon_json).expect("read daemon.json")).expect("daemon.json");
     assert_eq!(daemon["registry-mirrors"], serde_json::json!([s.regmux.url()]));
     assert_eq!(daemon["insecure-registries"], serde_json::json!([s.regmux.addr()]));
-    let dockerd = Dockerd::start(&s.lab, daemon["registry-mirrors"][0].as_str().expect("a mirror"));
+    let dockerd = Dockerd::start_with_config(&s.lab, &daemon_json);
+    // dockerd took both settings from the file (no --registry-mirror / --insecure-registry flags).
+    let registry = dockerd.registry_config();
+    assert_eq!(registry["Mirrors"], serde_json::json!([format!("{}/", s.regmux.url())]), "{registry}");
+    assert_eq!(registry["IndexConfigs"][s.regmux.addr()]["Secure"], false, "{registry}");
+
+    // Docker Hub through the mirror, one-segment name → library/alpine on the default route.
     let out = dockerd.pull("alpine:3.19");
     assert!(
         out.status.success(),
@@ -200,9 +213,82 @@ fn containerd_and_dockerd_pull_complete_images() {
     );
     assert_eq!(dockerd.image_id("alpine:3.19"), Some(config_digest("small")));
     assert_eq!(dockerd.repo_digests("alpine:3.19"), [format!("alpine@{}", manifest_digest("small", Format::V2s2))]);
-    // Plain Docker users address another registry by prefix: HOST:PORT/quay.io/keycloak/keycloak.
-    let image = format!("{}/quay.io/keycloak/keycloak:24.0", s.regmux.addr());
+    // Another registry: by the name the generated image-names file gives for quay.io.
+    let image = docker_image_name(&docker_dir, "quay.io", "keycloak/keycloak:24.0");
+    assert_eq!(image, format!("{}/quay.io/keycloak/keycloak:24.0", s.regmux.addr()));
     let out = dockerd.pull(&image);
     assert!(out.status.success(), "docker pull {image}: {}\n{}", String::from_utf8_lossy(&out.stderr), s.regmux.logs());
     assert_eq!(dockerd.image_id(&image), Some(config_digest("other")));
+}
+
+/// The image name to `docker pull` for `registry/<repository:tag>`, from the image-names file
+/// `client-config --for docker` writes (`<usual name>  <name through regmux>` per line).
+fn docker_image_name(docker_dir: &std::path::Path, registry: &str, repository_tag: &str) -> String {
+    let path = docker_dir.join(regmux::clientconfig::IMAGE_NAMES);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{registry}/<repository>:<tag> ")))
+        .unwrap_or_else(|| panic!("no line for {registry} in {}:\n{text}", path.display()));
+    let through = line.split_whitespace().nth(1).unwrap_or_else(|| panic!("second column in {line:?}"));
+    through.replace("<repository>:<tag>", repository_tag)
+}
+
+/// `[server] htpasswd` with dockerd: an anonymous pull is refused with an authentication error,
+/// `docker login` against regmux (plain HTTP, trusted by the generated `insecure-registries`)
+/// succeeds, and the same pull then completes.
+#[test]
+fn dockerd_logs_in_to_regmux_and_pulls() {
+    let _machine = machine_lock();
+    let lab_tmp = Lab::new();
+    let out = run(std::process::Command::new("htpasswd").args(["-Bbn", "puller", "s3cret"]), Duration::from_secs(10));
+    assert!(out.status.success(), "htpasswd: {out:?}");
+    let htpasswd = lab_tmp.write("clients.htpasswd", &out.stdout);
+    let s = setup_with_server(&format!("htpasswd = {:?}\n", htpasswd.display().to_string()));
+    let _hosts = EtcHostsGuard::docker_hub();
+    let docker_dir = client_config(&s, "docker");
+    let dockerd = Dockerd::start_with_config(&s.lab, &docker_dir.join("etc/docker/daemon.json"));
+    let image = docker_image_name(&docker_dir, "quay.io", "keycloak/keycloak:24.0");
+
+    let before = s.harbor.requests().len() + s.old.requests().len();
+    let out = dockerd.pull(&image);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an anonymous pull must fail: {stderr}");
+    assert!(
+        stderr.contains("no basic auth credentials") || stderr.contains("unauthorized"),
+        "the anonymous pull fails for want of credentials: {stderr}"
+    );
+    assert_eq!(dockerd.image_id(&image), None);
+    assert_eq!(
+        s.harbor.requests().len() + s.old.requests().len(),
+        before,
+        "nothing reaches a backend before the client authenticates"
+    );
+
+    let wrong = dockerd.login(s.regmux.addr(), "puller", "wrong");
+    assert!(!wrong.status.success(), "docker login with a wrong password: {}", String::from_utf8_lossy(&wrong.stdout));
+    let login = dockerd.login(s.regmux.addr(), "puller", "s3cret");
+    assert!(
+        login.status.success() && String::from_utf8_lossy(&login.stdout).contains("Login Succeeded"),
+        "docker login: {}\n{}\n{}",
+        String::from_utf8_lossy(&login.stdout),
+        String::from_utf8_lossy(&login.stderr),
+        s.regmux.logs()
+    );
+    let out = dockerd.pull(&image);
+    assert!(
+        out.status.success(),
+        "docker pull {image} after login: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.regmux.logs()
+    );
+    assert_eq!(dockerd.image_id(&image), Some(config_digest("other")));
+    // Logged in, the pull went through regmux to the backends (Harbor's project holds the manifest).
+    wait_for("the manifest request in Harbor's access log", Duration::from_secs(5), || {
+        s.harbor
+            .requests()
+            .iter()
+            .any(|r| r.path.starts_with("/v2/quay-proxy/keycloak/keycloak/manifests/") && r.status < 400)
+            .then_some(())
+    });
 }

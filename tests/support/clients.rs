@@ -170,7 +170,7 @@ impl Containerd {
 // ---------------------------------------------------------------------------------------------
 // dockerd
 
-/// A private dockerd (classic image store, vfs, no networking) using one registry mirror.
+/// A private dockerd (classic image store, vfs, no networking) configured by a `daemon.json`.
 #[derive(Debug)]
 pub struct Dockerd {
     socket: PathBuf,
@@ -182,18 +182,27 @@ pub struct Dockerd {
 }
 
 impl Dockerd {
-    /// Starts dockerd with `--registry-mirror MIRROR_URL --insecure-registry HOST:PORT` and waits until
-    /// `docker version` answers (deadline 60 s). Create an [`EtcHostsGuard`] first: dockerd goes to
-    /// Docker Hub whenever the mirror fails.
+    /// Starts dockerd with one registry mirror (`registry-mirrors` and, for its `HOST:PORT`,
+    /// `insecure-registries` in a `daemon.json` written to the lab); see [`Dockerd::start_with_config`].
     pub fn start(lab: &Lab, mirror_url: &str) -> Dockerd {
+        let mirror_host = mirror_url.split_once("://").map_or(mirror_url, |(_, rest)| rest).trim_end_matches('/');
+        let daemon = serde_json::json!({"registry-mirrors": [mirror_url], "insecure-registries": [mirror_host]});
+        let daemon_json = lab.dir("dockerd").join("daemon.json");
+        fs::write(&daemon_json, serde_json::to_string_pretty(&daemon).expect("daemon.json"))
+            .expect("write daemon.json");
+        Dockerd::start_with_config(lab, &daemon_json)
+    }
+
+    /// Starts dockerd with `--config-file DAEMON_JSON` (e.g. the one `regmux client-config --for docker`
+    /// writes, used as it is) and waits until `docker version` answers (deadline 60 s). Flags add only
+    /// what a lab needs and the file does not set: private data root, exec root, socket and pid file,
+    /// vfs, no bridge or iptables; dockerd refuses to start if a key is both in the file and a flag.
+    /// Create an [`EtcHostsGuard`] first: dockerd goes to Docker Hub whenever the mirror fails.
+    pub fn start_with_config(lab: &Lab, daemon_json: &Path) -> Dockerd {
         let dir = lab.dir("dockerd");
         let sock_dir = short_tmp_dir("rmxd");
         let socket = sock_dir.path().join("d.sock");
         let exec_root = sock_dir.path().join("x");
-        let mirror_host = mirror_url.split_once("://").map_or(mirror_url, |(_, rest)| rest).trim_end_matches('/');
-        // An empty daemon.json so the machine's /etc/docker/daemon.json cannot add settings.
-        let daemon_json = dir.join("daemon.json");
-        fs::write(&daemon_json, "{}\n").expect("write daemon.json");
         let client_config = dir.join("client");
         fs::create_dir_all(&client_config).expect("create docker client config dir");
         let log = dir.join("dockerd.log");
@@ -201,14 +210,13 @@ impl Dockerd {
         let mut cmd = Command::new("dockerd");
         cmd.args(["--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver=vfs"])
             .arg("--config-file")
-            .arg(&daemon_json)
+            .arg(daemon_json)
             .arg("--data-root")
             .arg(dir.join("data"))
             .arg("--exec-root")
             .arg(&exec_root)
             .arg("-H")
             .arg(format!("unix://{}", socket.display()))
-            .args(["--registry-mirror", mirror_url, "--insecure-registry", mirror_host])
             .arg("-p")
             .arg(sock_dir.path().join("dockerd.pid"))
             .stdin(Stdio::null())
@@ -238,6 +246,19 @@ impl Dockerd {
     /// Any `docker` client command against this daemon (`/usr/bin/docker`, the daemon's own version).
     pub fn docker(&self, args: &[&str]) -> Output {
         run(docker_cmd(&self.socket, &self.client_config).args(args), CLIENT_TIMEOUT)
+    }
+
+    /// `docker login -u USER -p PASS REGISTRY` (the client's `config.json` is private to this daemon).
+    pub fn login(&self, registry: &str, user: &str, pass: &str) -> Output {
+        self.docker(&["login", "-u", user, "-p", pass, registry])
+    }
+
+    /// The daemon's effective registry settings (`docker info`'s `RegistryConfig`: `Mirrors`,
+    /// `IndexConfigs` with `Secure`, …), to check what it made of its `daemon.json`.
+    pub fn registry_config(&self) -> serde_json::Value {
+        let out = self.docker(&["info", "--format", "{{json .RegistryConfig}}"]);
+        assert!(out.status.success(), "docker info: {}", describe(&out));
+        serde_json::from_slice(&out.stdout).expect("RegistryConfig JSON")
     }
 
     /// `docker pull IMAGE` (e.g. `alpine:3.19`, which the daemon sends to its mirror).
