@@ -192,8 +192,12 @@ async fn manifest(
     ctx: &mut Ctx,
 ) -> Result<Response<ProxyBody>, OciError> {
     let digest = reference.digest();
+    // Only a manifest the route's target served comes from the cache: one another backend served must
+    // ask the target again, so the ledger sees whether the target has it by now (a cache hit cannot
+    // tell, and would keep a miss open, or reopen one, that the target has long since resolved).
     if let Some(d) = digest {
-        if let Some(m) = app.manifests.get(d).filter(|m| accepts(headers, &m.content_type)) {
+        let cached = app.manifests.get(d).filter(|m| *m.origin == *ctx.target && accepts(headers, &m.content_type));
+        if let Some(m) = cached {
             ctx.served(&m.origin);
             ctx.from_cache = true;
             return Ok(manifest_response(method, d, &m));

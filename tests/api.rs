@@ -1639,3 +1639,35 @@ default = true
     assert_eq!(refused.len(), 1, "{after:?}");
     assert_eq!(refused[0].path, manifest, "{after:?}");
 }
+
+/// The in-memory manifest cache answers a by-digest manifest only when the route's target served it:
+/// one another backend served goes to a backend again, so the ledger keeps seeing whether the target
+/// has it (a cache hit would record the old mirror as serving it forever).
+#[test]
+fn manifest_cache_serves_only_what_the_target_served() {
+    let fx = fixture();
+    let oci = accept(&[OCI_MANIFEST]);
+    // small is on harbor (the target): the second GET comes from the cache.
+    let small = manifest_digest("small", Format::Oci);
+    for _ in 0..2 {
+        assert_manifest(&fx.get(&format!("/v2/small/manifests/{small}"), &oci), "small", Format::Oci, OCI_MANIFEST);
+    }
+    // other is only on old: each GET is answered by a backend.
+    let other = manifest_digest("other", Format::Oci);
+    for _ in 0..2 {
+        assert_manifest(&fx.get(&format!("/v2/other/manifests/{other}"), &oci), "other", Format::Oci, OCI_MANIFEST);
+    }
+    fx.sync_logs();
+    assert_eq!(
+        fx.harbor.count("GET", &format!("/v2/hub-proxy/library/small/manifests/{small}")),
+        1,
+        "the target's manifest was not served from the cache: {:?}",
+        fx.harbor.requests()
+    );
+    assert_eq!(
+        fx.old.count("GET", &format!("/v2/library/other/manifests/{other}")),
+        2,
+        "a manifest the old mirror served was answered from the cache: {:?}",
+        fx.old.requests()
+    );
+}
