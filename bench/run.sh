@@ -396,9 +396,10 @@ add nginx_rss_idle "$(calc "$nginx_rss / 1024")"
 
 # ---------------------------------------------------------------- the bound: a bare TCP relay
 # examples/relay.rs: blocking sockets, 256 KiB buffer, no HTTP; with --sha256 it also hashes what it
-# passes. No proxy can cost less CPU or move more bytes per second on this machine (measurement 1).
+# passes; with --splice it moves the bytes with splice(2), never into user space (the zero-copy bound,
+# out of reach for a proxy that verifies what it passes). Measurement 1 runs all three beside regmux.
 RELAY_BIN=$REPO_DIR/target/release/examples/relay
-PORT_RELAY="" PORT_RELAY_SHA="" RELAY_PIDS=()
+PORT_RELAY="" PORT_RELAY_SHA="" PORT_RELAY_SPLICE=""
 start_relay() { # start_relay [--sha256] -> echoes the port; the pid goes to RELAY_PIDS via $LAB/relay.pid
 	local out=$LAB/relay${1:-}.port
 	"$RELAY_BIN" "127.0.0.1:$PORT_A" "$@" >"$out" 2>"$LAB/relay${1:-}.log" &
@@ -414,7 +415,8 @@ if want 1; then
 	if [[ -x $RELAY_BIN ]]; then
 		start_relay && PORT_RELAY=$(cat "$LAB/relay.port") && RELAY_PID=$(cat "$LAB/relay.pid")
 		start_relay --sha256 && PORT_RELAY_SHA=$(cat "$LAB/relay--sha256.port") && RELAY_SHA_PID=$(cat "$LAB/relay--sha256.pid")
-		PIDS+=("${RELAY_PID:-}" "${RELAY_SHA_PID:-}")
+		start_relay --splice && PORT_RELAY_SPLICE=$(cat "$LAB/relay--splice.port") && RELAY_SPLICE_PID=$(cat "$LAB/relay--splice.pid")
+		for p in "${RELAY_PID:-}" "${RELAY_SHA_PID:-}" "${RELAY_SPLICE_PID:-}"; do [[ -n $p ]] && PIDS+=("$p"); done
 	fi
 fi
 
@@ -499,6 +501,7 @@ url() { # url TARGET: URL prefix of the repository through TARGET
 	noverify) echo "http://127.0.0.1:$PORT_RM/v2/noverify.local/$REPO" ;;
 	relay) echo "http://127.0.0.1:$PORT_RELAY/v2/$REPO" ;;
 	relaysha) echo "http://127.0.0.1:$PORT_RELAY_SHA/v2/$REPO" ;;
+	relaysplice) echo "http://127.0.0.1:$PORT_RELAY_SPLICE/v2/$REPO" ;;
 	esac
 }
 targets() { # targets LIST...: those of the given targets that are available (no side effects)
@@ -512,6 +515,7 @@ targets() { # targets LIST...: those of the given targets that are available (no
 			;;
 		relay) [[ -n $PORT_RELAY ]] || continue ;;
 		relaysha) [[ -n $PORT_RELAY_SHA ]] || continue ;;
+		relaysplice) [[ -n $PORT_RELAY_SPLICE ]] || continue ;;
 		esac
 		echo "$t"
 	done
@@ -591,11 +595,11 @@ LUA
 if want 1; then
 	log "1. one $(human "$BIG_SIZE") blob: direct / nginx / regmux / regmux verify_digests=false, $RUNS runs"
 	check_regmux "1. big blob"
-	mapfile -t T1 < <(targets direct nginx regmux noverify relay relaysha)
+	mapfile -t T1 < <(targets direct nginx regmux noverify relay relaysha relaysplice)
 	for t in "${T1[@]}"; do verify "$(url "$t")/blobs/sha256:$BIG" "$BIG" "$BIG_SIZE" || true; done
 	for ((r = 1; r <= RUNS; r++)); do
 		check_regmux "1. big blob, run $r"
-		mapfile -t T1 < <(targets direct nginx regmux noverify relay relaysha)
+		mapfile -t T1 < <(targets direct nginx regmux noverify relay relaysha relaysplice)
 		declare -A thr=()
 		for t in "${T1[@]}"; do
 			case $t in
@@ -603,6 +607,7 @@ if want 1; then
 			nginx) cpids=("${NGINX_WORKER_PIDS[@]}") ;;
 			relay) cpids=("$RELAY_PID") ;;
 			relaysha) cpids=("$RELAY_SHA_PID") ;;
+			relaysplice) cpids=("$RELAY_SPLICE_PID") ;;
 			*) cpids=("$RM_PID") ;;
 			esac
 			c0=$(cpu_ticks "${cpids[@]}")
@@ -619,6 +624,7 @@ if want 1; then
 		[[ -n ${thr[noverify]:-} && -n ${thr[direct]:-} ]] && add big_noverify_direct "$(calc "${thr[noverify]} / ${thr[direct]}")"
 		[[ -n ${thr[relay]:-} && -n ${thr[direct]:-} ]] && add big_relay_direct "$(calc "${thr[relay]} / ${thr[direct]}")"
 		[[ -n ${thr[relaysha]:-} && -n ${thr[direct]:-} ]] && add big_relaysha_direct "$(calc "${thr[relaysha]} / ${thr[direct]}")"
+		[[ -n ${thr[relaysplice]:-} && -n ${thr[direct]:-} ]] && add big_relaysplice_direct "$(calc "${thr[relaysplice]} / ${thr[direct]}")"
 		unset thr
 	done
 fi
@@ -850,6 +856,7 @@ report() {
 		if [[ -n ${V[big_relay]:-} ]]; then
 			echo "| 1 | bound: bare TCP relay, no HTTP (\`examples/relay.rs\`) — MiB/s $(cell %.0f big_relay), CPU $(cell %.2f big_cpu_relay) s/GiB; ÷ direct | | | | $(cell %.2f big_relay_direct) | $dash | $dash |"
 			echo "| 1 | bound: the same relay hashing with SHA-256 — MiB/s $(cell %.0f big_relaysha), CPU $(cell %.2f big_cpu_relaysha) s/GiB; ÷ direct | | | | $(cell %.2f big_relaysha_direct) | $dash | $dash |"
+			echo "| 1 | bound: the same relay with splice(2), zero-copy, no verification possible — MiB/s $(cell %.0f big_relaysplice), CPU $(cell %.2f big_cpu_relaysplice) s/GiB; ÷ direct | | | | $(cell %.2f big_relaysplice_direct) | $dash | $dash |"
 		fi
 	fi
 	if want 2; then
