@@ -398,7 +398,11 @@ add nginx_rss_idle "$(calc "$nginx_rss / 1024")"
 # examples/relay.rs: blocking sockets, 256 KiB buffer, no HTTP; with --sha256 it also hashes what it
 # passes; with --splice it moves the bytes with splice(2), never into user space (the zero-copy bound,
 # out of reach for a proxy that verifies what it passes). Measurement 1 runs all three beside regmux.
-RELAY_BIN=$REPO_DIR/target/release/examples/relay
+# Built with the profile of the regmux binary measured (CI's quick run uses the debug build: a release
+# build of the whole crate for it would cost minutes).
+RELAY_PROFILE=release
+if [[ $REGMUX == */target/debug/* ]]; then RELAY_PROFILE=debug; fi
+RELAY_BIN=$REPO_DIR/target/$RELAY_PROFILE/examples/relay
 PORT_RELAY="" PORT_RELAY_SHA="" PORT_RELAY_SPLICE=""
 start_relay() { # start_relay [--sha256] -> echoes the port; the pid goes to RELAY_PIDS via $LAB/relay.pid
 	local out=$LAB/relay${1:-}.port
@@ -408,8 +412,10 @@ start_relay() { # start_relay [--sha256] -> echoes the port; the pid goes to REL
 }
 if want 1; then
 	if [[ ! -x $RELAY_BIN || $REPO_DIR/examples/relay.rs -nt $RELAY_BIN ]]; then
-		log "building examples/relay.rs (cargo build --release --example relay)"
-		(cd "$REPO_DIR" && cargo build --release --quiet --example relay) >"$LAB/relay-build.log" 2>&1 ||
+		log "building examples/relay.rs ($RELAY_PROFILE)"
+		profile_flag=()
+		[[ $RELAY_PROFILE == release ]] && profile_flag=(--release)
+		(cd "$REPO_DIR" && cargo build --locked "${profile_flag[@]}" --quiet --example relay) >"$LAB/relay-build.log" 2>&1 ||
 			note "examples/relay.rs did not build (bound rows left out): $(tail -3 "$LAB/relay-build.log" | tr '\n' ' ')"
 	fi
 	if [[ -x $RELAY_BIN ]]; then
