@@ -5,10 +5,10 @@
 //!
 //! Never on a client's time: jobs are queued after the client's response is finished, the queue is
 //! bounded (a full queue drops and counts, and forgets the job so a later request queues it again),
-//! each object is warmed once per [`DEDUP_FOR`], and at most [`CONCURRENCY`] warms run at once. A
-//! success resolves the object's ledger misses. With a shared
-//! (PostgreSQL) ledger the replicas of a fleet claim each object in the database first, so an object
-//! is warmed once however many replicas saw its miss.
+//! each object is warmed once per [`DEDUP_FOR`] into each repository that missed it, and at most
+//! [`CONCURRENCY`] warms run at once. A success resolves the object's ledger misses. With a shared
+//! (PostgreSQL) ledger the replicas of a fleet claim each (object, repository) in the database first,
+//! so it is warmed once however many replicas saw its miss.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,7 +50,11 @@ pub struct Warmer {
     rx: Mutex<Option<mpsc::Receiver<Job>>>,
     /// Warms running at once.
     concurrency: usize,
-    seen: moka::sync::Cache<(Arc<str>, Digest), ()>,
+    /// Objects queued or warmed recently: (target, repository, digest). Per repository, because a
+    /// registry keeps a blob per repository (distribution links it into each one, and Harbor's proxy
+    /// looks for a blob in the requested repository before it fetches upstream), so a layer shared
+    /// by two repositories has to be warmed in each.
+    seen: moka::sync::Cache<(Arc<str>, RepoName, Digest), ()>,
     pub stats: WarmStats,
 }
 
@@ -80,7 +84,7 @@ impl Warmer {
     /// Queue a warm; never blocks. Objects already queued or warmed recently are skipped; a job the
     /// full queue drops is forgotten, so the next request for the object queues it again.
     pub fn submit(&self, job: Job) {
-        let key = (job.target.name.clone(), job.digest.clone());
+        let key = (job.target.name.clone(), job.repo.clone(), job.digest.clone());
         if self.seen.contains_key(&key) {
             return;
         }
@@ -107,7 +111,7 @@ impl Warmer {
                 let _permit = permit;
                 let ledger = recorder.ledger.clone();
                 if let Some(l) = &ledger {
-                    if !l.claim_warm(&job.target.name, job.digest.as_str(), DEDUP_FOR).await {
+                    if !l.claim_warm(&job.target.name, job.repo.as_str(), job.digest.as_str(), DEDUP_FOR).await {
                         this.stats.claimed_elsewhere.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(target = %job.target.name, digest = %job.digest, "another replica warms it");
                         return;
@@ -135,9 +139,9 @@ impl Warmer {
                     Err(e) => {
                         this.stats.failed.fetch_add(1, Ordering::Relaxed);
                         // Let a later request (here or on another replica) try again.
-                        this.seen.invalidate(&(job.target.name.clone(), job.digest.clone()));
+                        this.seen.invalidate(&(job.target.name.clone(), job.repo.clone(), job.digest.clone()));
                         if let Some(l) = &ledger {
-                            l.release_warm(&job.target.name, job.digest.as_str()).await;
+                            l.release_warm(&job.target.name, job.repo.as_str(), job.digest.as_str()).await;
                         }
                         tracing::warn!(route = %job.route, target = %job.target.name, repository = %job.repo, digest = %job.digest, "warming failed: {e}");
                     }

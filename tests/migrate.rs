@@ -417,32 +417,62 @@ fn background_warming_fills_the_target_from_pulls() {
         config_text(&lab, &target.url(), &old, "backends = [\"old\", \"target\"]\ntarget = \"target\"\nwarm = true");
     let rx = Regmux::start(BIN, lab.dir("regmux"), &config);
     let conf = write_registries_conf(lab.path(), "docker.io", &format!("{}/docker.io", rx.addr()));
-    let out = skopeo_copy_via_mirror(&conf, "docker.io/library/alpine:3.19", &lab.path().join("pulled"));
-    assert!(out.status.success(), "pull: {}", String::from_utf8_lossy(&out.stderr));
-
-    // Every object of the image is warmed once through the target, in the background.
-    let wanted: Vec<String> =
-        blob_digests("small").into_iter().chain([manifest_digest("small", Format::V2s2)]).collect();
-    wait_for("the target to have fetched every object", Duration::from_secs(20), || {
-        let reqs = target.requests();
-        wanted
-            .iter()
-            .all(|d| reqs.iter().any(|r| r.method == "GET" && r.path.ends_with(d.as_str()) && r.status == 200))
-            .then_some(())
-    });
+    let stored = |repo: &str, d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        target.storage_dir().join(format!("docker/registry/v2/repositories/{repo}/_layers/sha256/{hex}/link")).exists()
+    };
+    // Every object of an image is warmed once through the target, in the background, into the
+    // repository the client pulled. library/mysql:8 shares every blob with library/alpine:3.19, so
+    // its blobs are warmed again, into library/mysql: the target keeps blobs per repository.
+    let mut warmed = 0;
     let c = rx.config_path().to_str().expect("utf-8").to_owned();
-    wait_for("the misses to be resolved by warming", Duration::from_secs(10), || {
-        let report = json_of(&regmux(&["misses", "--config", &c, "--format", "json"]));
-        (report[0]["open_misses"] == 0 && report[0]["requests"].as_u64() >= Some(4)).then_some(())
-    });
+    for (image, repo, format) in
+        [("alpine:3.19", "library/alpine", Format::V2s2), ("mysql:8", "library/mysql", Format::Oci)]
+    {
+        let out = skopeo_copy_via_mirror(
+            &conf,
+            &format!("docker.io/library/{image}"),
+            &lab.path().join(repo.replace('/', "-")),
+        );
+        assert!(out.status.success(), "pull {image}: {}", String::from_utf8_lossy(&out.stderr));
+        let manifest = manifest_digest("small", format);
+        let wanted: Vec<String> = blob_digests("small").into_iter().chain([manifest.clone()]).collect();
+        warmed += wanted.len();
+        let prefix = format!("/v2/{repo}/");
+        wait_for(&format!("the target to have fetched every object of {repo}"), Duration::from_secs(20), || {
+            let reqs = target.requests();
+            wanted
+                .iter()
+                .all(|d| {
+                    reqs.iter().any(|r| {
+                        r.method == "GET"
+                            && r.path.starts_with(&prefix)
+                            && r.path.ends_with(d.as_str())
+                            && r.status == 200
+                    })
+                })
+                .then_some(())
+        });
+        // The proxy stores what it fetched in a goroutine of its own (one digest at a time): wait
+        // for its files before the next image asks for the same digests.
+        wait_for(&format!("the target to store the blobs of {repo}"), Duration::from_secs(20), || {
+            blob_digests("small").iter().all(|d| stored(repo, d)).then_some(())
+        });
+        wait_for("the misses to be resolved by warming", Duration::from_secs(10), || {
+            let report = json_of(&regmux(&["misses", "--config", &c, "--format", "json"]));
+            (report[0]["open_misses"] == 0 && report[0]["requests"].as_u64() >= Some(4)).then_some(())
+        });
+    }
     let warms = rx.logs().lines().filter(|l| l.contains("warmed")).count();
-    assert_eq!(warms, wanted.len(), "each object warmed exactly once:\n{}", rx.logs());
+    assert_eq!(warms, warmed, "each object warmed exactly once per repository:\n{}", rx.logs());
 
-    // The target can now serve the image on its own.
+    // The target can now serve both images on its own.
     drop(rx);
     drop(old);
-    for d in blob_digests("small") {
-        assert!(blob_is_whole_on(&target, "library/alpine", &d), "{d} in the target");
+    for repo in ["library/alpine", "library/mysql"] {
+        for d in blob_digests("small") {
+            assert!(blob_is_whole_on(&target, repo, &d), "{d} in {repo} on the target");
+        }
     }
 }
 

@@ -232,13 +232,13 @@ impl Ledger {
         }
     }
 
-    /// Whether this replica should warm `digest` into `target`: always with SQLite (one replica; the
+    /// Whether this replica should warm `digest` into `repository` of `target`: always with SQLite (one replica; the
     /// warmer dedups in memory), once per `valid_for` across the fleet with PostgreSQL. When the
     /// database cannot answer, warm anyway: a warm is idempotent, and a duplicate beats none.
-    pub async fn claim_warm(&self, target: &str, digest: &str, valid_for: Duration) -> bool {
+    pub async fn claim_warm(&self, target: &str, repository: &str, digest: &str, valid_for: Duration) -> bool {
         match self {
             Ledger::Sqlite(_) => true,
-            Ledger::Postgres(db) => match pg::claim_warm(db, target, digest, valid_for).await {
+            Ledger::Postgres(db) => match pg::claim_warm(db, target, repository, digest, valid_for).await {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::warn!(%target, %digest, "cannot claim the warm in the ledger, warming anyway: {e}");
@@ -249,9 +249,9 @@ impl Ledger {
     }
 
     /// Give a claim back after a failed warm.
-    pub async fn release_warm(&self, target: &str, digest: &str) {
+    pub async fn release_warm(&self, target: &str, repository: &str, digest: &str) {
         if let Ledger::Postgres(db) = self {
-            if let Err(e) = pg::release_warm(db, target, digest).await {
+            if let Err(e) = pg::release_warm(db, target, repository, digest).await {
                 tracing::warn!(%target, %digest, "cannot release the warm claim: {e}");
             }
         }

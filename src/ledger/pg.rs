@@ -1,7 +1,7 @@
 //! The PostgreSQL store of the ledger (`[ledger] url`): one ledger shared by a fleet of replicas.
 //!
 //! The same tables as the SQLite store plus two for the fleet: `warm_claims` (one background warm per
-//! object across replicas) and `ledger_batches` (each writer's committed batch numbers, so a batch whose
+//! object and repository across replicas) and `ledger_batches` (each writer's committed batch numbers, so a batch whose
 //! commit acknowledgement was lost is not counted twice when it is retried). The schema is created and
 //! upgraded under a transaction-scoped advisory lock, so replicas starting together on an empty database
 //! do not race. The writer pipelines each batch's statements in one transaction (one round trip per
@@ -28,7 +28,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_SIZE: usize = 4;
 
 /// Schema versions, applied in order; `regmux_schema` holds the last one applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE misses (
     route       TEXT NOT NULL,
     repository  TEXT NOT NULL,
@@ -67,7 +68,21 @@ CREATE TABLE ledger_batches (
     at     BIGINT NOT NULL,
     PRIMARY KEY (writer, seq)
 );
-"#];
+"#,
+    // 2: warm claims per repository (a blob is warmed into each repository that shares it). Claims
+    // live for minutes, so the old ones are simply dropped.
+    r#"
+DROP TABLE warm_claims;
+CREATE TABLE warm_claims (
+    target     TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    claimed_at BIGINT NOT NULL,
+    claimed_by TEXT NOT NULL,
+    PRIMARY KEY (target, repository, digest)
+);
+"#,
+];
 
 /// A parsed `[ledger] url` with its password resolved.
 #[derive(Clone)]
@@ -558,19 +573,26 @@ pub async fn resolve_digests(db: &Db, route: &str, digests: &[String], by: &str)
     Ok(counts.iter().sum::<u64>() as usize)
 }
 
-/// Claim the warm of `digest` into `target` for this replica. `false`: another replica claimed it
-/// less than `valid_for` ago (and is warming it, or has).
-pub async fn claim_warm(db: &Db, target: &str, digest: &str, valid_for: Duration) -> Result<bool, Error> {
+/// Claim the warm of `digest` into `repository` of `target` for this replica. `false`: another replica
+/// claimed it less than `valid_for` ago (and is warming it, or has).
+pub async fn claim_warm(
+    db: &Db,
+    target: &str,
+    repository: &str,
+    digest: &str,
+    valid_for: Duration,
+) -> Result<bool, Error> {
     let c = client(db).await?;
     let now = super::now_unix() as i64;
     let expired = now - valid_for.as_secs() as i64;
     let row = c
         .query_opt(
-            "INSERT INTO warm_claims (target, digest, claimed_at, claimed_by) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (target, digest) DO UPDATE SET claimed_at = EXCLUDED.claimed_at, claimed_by = EXCLUDED.claimed_by
-               WHERE warm_claims.claimed_at < $5
+            "INSERT INTO warm_claims (target, repository, digest, claimed_at, claimed_by) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (target, repository, digest) DO UPDATE
+               SET claimed_at = EXCLUDED.claimed_at, claimed_by = EXCLUDED.claimed_by
+               WHERE warm_claims.claimed_at < $6
              RETURNING claimed_by",
-            &[&target, &digest, &now, &db.me, &expired],
+            &[&target, &repository, &digest, &now, &db.me, &expired],
         )
         .await
         .map_err(|e| chain(&e))?;
@@ -578,11 +600,11 @@ pub async fn claim_warm(db: &Db, target: &str, digest: &str, valid_for: Duration
 }
 
 /// Give a claim back after a failed warm, so that the next miss (on any replica) tries again.
-pub async fn release_warm(db: &Db, target: &str, digest: &str) -> Result<(), Error> {
+pub async fn release_warm(db: &Db, target: &str, repository: &str, digest: &str) -> Result<(), Error> {
     let c = client(db).await?;
     c.execute(
-        "DELETE FROM warm_claims WHERE target = $1 AND digest = $2 AND claimed_by = $3",
-        &[&target, &digest, &db.me],
+        "DELETE FROM warm_claims WHERE target = $1 AND repository = $2 AND digest = $3 AND claimed_by = $4",
+        &[&target, &repository, &digest, &db.me],
     )
     .await
     .map_err(|e| chain(&e))?;
