@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -159,10 +159,12 @@ pub async fn run(
         let (builder, app, tls, stopped, alive) =
             (builder.clone(), app.clone(), tls.clone(), stopped.clone(), alive.clone());
         tokio::spawn(async move {
+            let activity = Arc::new(Activity::new());
+            let stream = Watched { io: stream, activity: activity.clone() };
             let result = match tls {
-                None => serve_io(&builder, stopped, app, stream, idle).await,
+                None => serve_io(&builder, stopped, app, stream, activity, idle).await,
                 Some(acceptor) => match tokio::time::timeout(idle, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => serve_io(&builder, stopped, app, tls_stream, idle).await,
+                    Ok(Ok(tls_stream)) => serve_io(&builder, stopped, app, tls_stream, activity, idle).await,
                     Ok(Err(e)) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
                     Err(_) => Err("TLS handshake timed out".into()),
                 },
@@ -184,21 +186,106 @@ pub async fn run(
     }
 }
 
-/// Requests in progress on one connection, and since when it has had none.
+/// Requests in progress on one connection, since when it has had none, and how its writes go.
 struct Activity {
     open: AtomicUsize,
     idle_since: Mutex<Instant>,
+    started: Instant,
+    /// Milliseconds after `started` of the last write that moved bytes to the socket.
+    last_write_ms: AtomicU64,
+    /// The last write found the socket full: hyper holds bytes a slow client has not taken yet.
+    blocked: AtomicBool,
 }
 
 impl Activity {
     fn new() -> Activity {
-        Activity { open: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) }
+        let now = Instant::now();
+        Activity {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(now),
+            started: now,
+            last_write_ms: AtomicU64::new(0),
+            blocked: AtomicBool::new(false),
+        }
     }
 
-    /// When the last request ended (or the connection started); `None` while a request is in progress.
-    fn idle_since(&self) -> Option<Instant> {
+    /// Since when the connection has had no request in progress and nothing left to send; `None`
+    /// while a request is in progress or bytes wait for the client. A response body is done once
+    /// hyper has taken its last chunk, which may still be queued for a slow client: until the socket
+    /// has taken it, the connection is not idle.
+    fn quiet_since(&self) -> Option<Instant> {
         let since = *self.idle_since.lock().unwrap_or_else(|p| p.into_inner());
-        (self.open.load(Ordering::SeqCst) == 0).then_some(since)
+        if self.open.load(Ordering::SeqCst) != 0 || self.blocked.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(since.max(self.last_write()))
+    }
+
+    /// No request in progress, but the end of the last response still waits for the client.
+    fn sending(&self) -> bool {
+        self.open.load(Ordering::SeqCst) == 0 && self.blocked.load(Ordering::Relaxed)
+    }
+
+    fn last_write(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed))
+    }
+
+    /// Note how a write went.
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.last_write_ms.fetch_max(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                self.blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Pending => self.blocked.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+}
+
+/// The connection's socket, noting in its [`Activity`] how each write went.
+struct Watched<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.activity.wrote(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -253,12 +340,12 @@ async fn serve_io<I>(
     mut stop: watch::Receiver<bool>,
     app: Arc<App>,
     io: I,
+    activity: Arc<Activity>,
     idle: Duration,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity::new());
     let counter = activity.clone();
     let service = service_fn(move |req| {
         let request = InProgress::new(&counter);
@@ -279,7 +366,7 @@ where
             conn.as_mut().graceful_shutdown();
             close_by = Some(Instant::now() + CLOSE_WAIT);
         }
-        let wake = close_by.unwrap_or_else(|| match activity.idle_since() {
+        let wake = close_by.unwrap_or_else(|| match activity.quiet_since() {
             Some(since) => since + idle,
             None => Instant::now() + idle,
         });
@@ -295,18 +382,27 @@ where
             }
             () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
-                let idle_since = activity.idle_since();
+                let quiet = activity.quiet_since();
                 match close_by {
                     Some(t) if now >= t => {
-                        if idle_since.is_some() {
-                            return Err(format!("idle for {idle:?} and not closed after {CLOSE_WAIT:?}; dropped").into());
+                        if let Some(since) = quiet {
+                            // Asked to close, nothing in progress, nothing left to send.
+                            if now >= since + CLOSE_WAIT {
+                                return Err(format!("asked to close and quiet for {CLOSE_WAIT:?}; dropped").into());
+                            }
+                            close_by = Some(since + CLOSE_WAIT);
+                        } else if activity.sending() {
+                            // The end of a response still goes out to a slow client: let it (a stop
+                            // is bounded by the grace period; a vanished HTTP/2 peer by its PINGs).
+                            close_by = Some(now + CLOSE_WAIT);
+                        } else {
+                            // A request is still in progress: wait for it, then count again.
+                            close_by = None;
                         }
-                        // A request is still in progress: wait for it, then count again.
-                        close_by = None;
                     }
                     Some(_) => {}
                     None => {
-                        if idle_since.is_some_and(|since| now >= since + idle) {
+                        if quiet.is_some_and(|since| now >= since + idle) {
                             tracing::debug!(?idle, "closing an idle connection");
                             if !shut {
                                 shut = true;

@@ -1592,6 +1592,50 @@ fn stop_signal_finishes_the_running_download(signal: &str) {
     assert!(peak < PEAK_RSS_LIMIT_KIB, "peak RSS {peak} KiB, limit {PEAK_RSS_LIMIT_KIB} KiB: memory must stay flat");
 }
 
+/// A stop that comes after regmux has handed the last chunk of a body to hyper, while that chunk
+/// still waits for a slow client (the socket is full): the connection counts as busy until the
+/// socket has taken it, so the client gets every byte and regmux then exits 0.
+#[test]
+fn sigterm_after_the_last_chunk_still_delivers_the_end_to_a_slow_client() {
+    const SIZE: u64 = 12 << 20;
+    let lab = Lab::new();
+    let reg = Registry::start(lab.dir("reg"), RegistryOpts::plain());
+    let bytes = random_bytes(77, SIZE as usize);
+    let digest = sha256_bytes(&bytes);
+    upload_blob(&reg.url(), "library/alpine", &mut &bytes[..], SIZE, &digest);
+    let config = regmux_config(
+        &lab,
+        "",
+        &format!(
+            "[backends.reg]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"reg\"]\ndefault = true\n",
+            q(reg.url())
+        ),
+    );
+    let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
+    let mut download =
+        Download::start(&format!("{}/v2/library/alpine/blobs/{digest}", regmux.url()), &lab.dir("download"), "1M");
+    // regmux logs the request once its body has given hyper the last chunk; the client, reading 1 MB/s,
+    // is seconds from the end then (the rest sits in hyper and in the sockets).
+    wait_for("regmux to have handed over the whole body", Duration::from_secs(20), || {
+        regmux.logs().lines().any(|l| l.contains(" request ") && l.contains(&digest)).then_some(())
+    });
+    let left = SIZE - download.received();
+    eprintln!("[faults] body handed over with {left} bytes not yet read by the client");
+    assert!(left > 1 << 20, "the client should still have over 1 MiB to read, has {left}");
+    regmux.send_signal("TERM");
+    let (status, meta, took) = download.finish(Duration::from_secs(60));
+    eprintln!("[faults] download across SIGTERM: {meta} in {took:?}");
+    assert!(
+        status.success(),
+        "curl: {status} {meta} {}",
+        fs::read_to_string(lab.path().join("download/download.err")).unwrap_or_default()
+    );
+    assert_eq!(meta, format!("200 {SIZE} 1.1"));
+    assert_eq!(sha256_file(&download.out), digest);
+    let exit = regmux.wait_exit(Duration::from_secs(10)).expect("regmux exits once the download is done");
+    assert_eq!(exit.code(), Some(0), "{}", regmux.logs());
+}
+
 /// `[server] shutdown_grace = "1s"`: a download that would take seconds more is cut when the grace
 /// ends; regmux then exits 0 at once, and the client sees an incomplete body (never a short success).
 #[test]
