@@ -82,6 +82,9 @@ impl Snapshot {
 pub struct CachedManifest {
     /// The backend it came from (credited in the ledger and metrics when served from the cache).
     pub origin: Arc<str>,
+    /// The repository it was served for: a hit in another repository would credit the target with
+    /// a manifest it was never asked for there.
+    pub repo: crate::registry::RepoName,
     pub content_type: HeaderValue,
     pub bytes: Bytes,
 }

@@ -192,11 +192,15 @@ async fn manifest(
     ctx: &mut Ctx,
 ) -> Result<Response<ProxyBody>, OciError> {
     let digest = reference.digest();
-    // Only a manifest the route's target served comes from the cache: one another backend served must
-    // ask the target again, so the ledger sees whether the target has it by now (a cache hit cannot
-    // tell, and would keep a miss open, or reopen one, that the target has long since resolved).
+    // Only a manifest the route's target served for this repository comes from the cache: one another
+    // backend served must ask the target again, so the ledger sees whether the target has it by now (a
+    // cache hit cannot tell, and would keep a miss open, or reopen one, that the target has long since
+    // resolved); one served for another repository says nothing about this one.
     if let Some(d) = digest {
-        let cached = app.manifests.get(d).filter(|m| *m.origin == *ctx.target && accepts(headers, &m.content_type));
+        let cached = app
+            .manifests
+            .get(d)
+            .filter(|m| *m.origin == *ctx.target && m.repo == *name && accepts(headers, &m.content_type));
         if let Some(m) = cached {
             ctx.served(&m.origin);
             ctx.from_cache = true;
@@ -223,7 +227,7 @@ async fn manifest(
                 ProxyBody::empty(),
             ));
         }
-        match read_manifest(&backend.name, resp, digest).await {
+        match read_manifest(&backend.name, name, resp, digest).await {
             Ok((d, m)) => {
                 ctx.served(&backend.name);
                 app.locations.insert(d.clone(), backend.name.clone());
@@ -266,6 +270,7 @@ enum ManifestError {
 /// `Docker-Content-Digest`. Returns the digest it has.
 async fn read_manifest(
     origin: &Arc<str>,
+    repo: &RepoName,
     resp: reqwest::Response,
     requested: Option<&Digest>,
 ) -> Result<(Digest, CachedManifest), ManifestError> {
@@ -286,7 +291,7 @@ async fn read_manifest(
         Some(d) => return Err(ManifestError::Mismatch(d.to_string())),
         None => manifest::digest_of(media, &bytes),
     };
-    Ok((digest, CachedManifest { origin: origin.clone(), content_type, bytes }))
+    Ok((digest, CachedManifest { origin: origin.clone(), repo: repo.clone(), content_type, bytes }))
 }
 
 /// Ask one backend for `/v2/<its name>/<suffix>`. A found answer comes back with the mapped name; a

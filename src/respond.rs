@@ -40,6 +40,10 @@ pub fn error(method: &Method, err: &OciError) -> Response<ProxyBody> {
     if method != Method::HEAD {
         h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
+    if err.status() == http::StatusCode::METHOD_NOT_ALLOWED {
+        // RFC 9110 §15.5.6: a 405 names the methods regmux serves.
+        h.insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
     response(method, err.status(), h, ProxyBody::full(body))
 }
 

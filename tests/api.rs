@@ -404,9 +404,11 @@ fn base_endpoint_and_unsupported_requests() {
     for (method, path) in &unsupported {
         let r = fx.req(method, path, &[]);
         assert_error(&r, 405, "UNSUPPORTED");
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method} {path}: a 405 names the allowed methods");
     }
     let r = fx.req("HEAD", "/v2/small/blobs/uploads/some-uuid", &[]);
     assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
 
     // Everything else is 405 UNSUPPORTED too: paths that are no pull endpoint, whatever the method
     // (a malformed name inside such a path does not make it a 400: there is no endpoint to name).
@@ -1669,5 +1671,15 @@ fn manifest_cache_serves_only_what_the_target_served() {
         2,
         "a manifest the old mirror served was answered from the cache: {:?}",
         fx.old.requests()
+    );
+    // The same manifest in another repository (partial holds small's manifest too) is asked for
+    // there: the cache answers only for the repository it was served for.
+    assert_manifest(&fx.get(&format!("/v2/partial/manifests/{small}"), &oci), "small", Format::Oci, OCI_MANIFEST);
+    fx.sync_logs();
+    assert_eq!(
+        fx.harbor.count("GET", &format!("/v2/hub-proxy/library/partial/manifests/{small}")),
+        1,
+        "a manifest cached for library/small was served for library/partial: {:?}",
+        fx.harbor.requests()
     );
 }

@@ -545,3 +545,65 @@ fn inventory_reads_every_page() {
         old.requests().iter().filter(|r| r.path.starts_with("/v2/_catalog?") && r.path.contains("n=2")).count();
     assert!(catalog_pages >= 3, "five repositories, two a page: {:?}", old.requests());
 }
+
+/// A copy target with token auth: the token regmux asks for covers the repository it pushes to,
+/// and a registry also wants pull on the repository a blob is mounted from. A refused mount must
+/// not fail the image: regmux uploads the blob instead. (library/mysql:8 shares every blob with
+/// library/alpine:3.19, so its blobs are mount candidates.)
+#[test]
+fn copy_to_a_token_target_uploads_when_a_mount_is_refused() {
+    let lab = Lab::new();
+    let old = old_mirror(&lab);
+    let issuer = TokenIssuer::start(lab.dir("token"), TokenOpts::default());
+    let target = Registry::start(lab.dir("target"), RegistryOpts::plain().token(&issuer));
+    let (admin, admin_pass) = issuer.admin_creds();
+    let cfg = lab.write(
+        "regmux.toml",
+        config_text(&lab, &target.url(), &old, "backends = [\"target\", \"old\"]").replace(
+            &format!("url = \"{}\"\n", target.url()),
+            &format!("url = \"{}\"\nusername = \"{admin}\"\npassword = \"{admin_pass}\"\n", target.url()),
+        ),
+    );
+    let inv = lab.write(
+        "inventory.txt",
+        format!(
+            "library/alpine:3.19@{}\nlibrary/mysql:8@{}\n",
+            manifest_digest("small", Format::V2s2),
+            manifest_digest("small", Format::Oci)
+        ),
+    );
+    let (c, i) = (cfg.to_str().expect("utf-8"), inv.to_str().expect("utf-8"));
+    let out = regmux(&[
+        "migrate",
+        "--config",
+        c,
+        "--route",
+        "hub",
+        "--from",
+        i,
+        "--mode",
+        "copy",
+        "--concurrency",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json_of(&out)["moved"].as_array().map(Vec::len), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    let mounts: Vec<_> =
+        target.requests().into_iter().filter(|r| r.method == "POST" && r.path.contains("mount=")).collect();
+    assert!(!mounts.is_empty(), "regmux tried a cross-repository mount: {:?}", target.requests());
+    let token = issuer.fetch_token("repository:library/mysql:pull", Some((admin, admin_pass)));
+    for d in blob_digests("small") {
+        let r = http(
+            "GET",
+            &format!("{}/v2/library/mysql/blobs/{d}", target.url()),
+            &[("Authorization", &format!("Bearer {token}"))],
+        );
+        assert!(
+            r.status == 200 && r.complete && r.body_digest() == d,
+            "{d} in library/mysql on the target: {}",
+            r.status
+        );
+    }
+}

@@ -76,8 +76,8 @@ pub struct Event {
     /// the old mirror first) does not reopen a miss that warming or migrate resolved, since those
     /// verified that the target holds the object.
     pub target_asked: bool,
-    /// Background warming brought the object (`digest`) into the target: resolves its misses, counts
-    /// no traffic.
+    /// Background warming brought the object (`digest`) into `repository` of the target: resolves its
+    /// misses there, counts no traffic.
     pub warmed: bool,
 }
 

@@ -372,7 +372,7 @@ async fn write_batch(
     let warmed = tx
         .prepare(
             "UPDATE misses SET resolved_at = $3, resolved_by = 'warm'
-             WHERE route = $1 AND digest = $2 AND resolved_at IS NULL AND last_seen <= $3",
+             WHERE route = $1 AND digest = $2 AND repository = $4 AND resolved_at IS NULL AND last_seen <= $3",
         )
         .await?;
 
@@ -403,7 +403,7 @@ async fn write_batch(
     let mut ops = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let params: Vec<&(dyn ToSql + Sync)> = if e.warmed {
-            vec![&e.route, &e.digest, &ats[i]]
+            vec![&e.route, &e.digest, &ats[i], &e.repository]
         } else if !matches!(e.kind, "manifest" | "blob") {
             continue;
         } else if let Some(outcome) = &outcomes[i] {

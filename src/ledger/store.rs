@@ -100,13 +100,13 @@ impl Store {
             )?;
             let mut warmed = tx.prepare_cached(
                 "UPDATE misses SET resolved_at = ?3, resolved_by = 'warm'
-                 WHERE route = ?1 AND digest = ?2 AND resolved_at IS NULL AND last_seen <= ?3",
+                 WHERE route = ?1 AND digest = ?2 AND repository = ?4 AND resolved_at IS NULL AND last_seen <= ?3",
             )?;
             // As in the PostgreSQL store: a miss reopens only an older resolution, and a resolution
             // closes only misses seen no later than itself.
             for e in events {
                 if e.warmed {
-                    warmed.execute(params![e.route, e.digest, e.at as i64])?;
+                    warmed.execute(params![e.route, e.digest, e.at as i64, e.repository])?;
                     continue;
                 }
                 let hour = (e.at / 3600 * 3600) as i64;

@@ -379,6 +379,11 @@ impl Migration {
     async fn source_has_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, String> {
         let mut failed = Vec::new();
         for s in &self.sources {
+            if s.kind == BackendKind::Harbor {
+                // Harbor's proxy cache answers a blob HEAD with 404 until a GET has fetched the blob
+                // (see proxy.rs): its HEAD cannot say "missing". The upload's GET will tell.
+                return Ok(true);
+            }
             let mapped = s.map_name(repo).map_err(|e| e.to_string())?;
             let path = format!("/v2/{mapped}/blobs/{digest}");
             match s.fetch(&Method::HEAD, &path, Some(&mapped), &HeaderMap::new()).await {
@@ -483,7 +488,7 @@ impl Migration {
         if let Some(f) = &from {
             post.push_str(&format!("?mount={digest}&from={f}"));
         }
-        let resp = self
+        let mut resp = self
             .dest
             .request(&Method::POST, &post, &scope, &HeaderMap::new(), None)
             .await
@@ -491,6 +496,17 @@ impl Migration {
         if resp.status() == StatusCode::CREATED && from.is_some() {
             self.remember(digest, mapped);
             return Ok(0);
+        }
+        if from.is_some() && resp.status() != StatusCode::ACCEPTED {
+            // The mount itself was refused (e.g. 401/403: no pull right on the other repository, which
+            // a registry checks for a mount): upload the blob instead.
+            tracing::debug!(%digest, %mapped, status = %resp.status(), "mount refused; uploading");
+            let plain = format!("/v2/{mapped}/blobs/uploads/");
+            resp = self
+                .dest
+                .request(&Method::POST, &plain, &scope, &HeaderMap::new(), None)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         if resp.status() != StatusCode::ACCEPTED {
             return Err(format!("target refused an upload to {mapped}: {}", resp.status()));
