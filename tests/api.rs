@@ -349,6 +349,18 @@ fn start_debug(lab: &Lab, config: &str) -> Regmux {
     Regmux::spawn(cmd, &path)
 }
 
+/// Route `hub` (Docker Hub, default) with one backend, `harbor` (prefix `hub-proxy`), logging in with
+/// `creds` when given.
+fn harbor_only_config(lab: &Lab, harbor: &Registry, creds: Option<(&str, &str)>) -> String {
+    let login = creds.map_or(String::new(), |(user, pass)| format!("username = \"{user}\"\npassword = \"{pass}\"\n"));
+    format!(
+        "{header}\n[backends.harbor]\nurl = \"{url}\"\nprefix = \"hub-proxy\"\n{login}\n\
+         [[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"harbor\"]\ndefault = true\n",
+        header = config_header(&lab.path().join("ledger.db")),
+        url = harbor.url(),
+    )
+}
+
 /// Neither a secret nor `user:secret` in Basic form (base64) is anywhere in regmux's log.
 #[track_caller]
 fn assert_no_secrets(regmux: &Regmux, creds: &[(&str, &str)]) {
@@ -1471,21 +1483,7 @@ fn anonymous_token_auth_backend() {
     assert_eq!(direct.status, 401, "{}", direct.text());
     assert!(direct.header("WWW-Authenticate").is_some_and(|c| c.starts_with("Bearer ")), "{:?}", direct.headers);
 
-    let config = format!(
-        r#"{header}
-[backends.harbor]
-url = "{url}"
-prefix = "hub-proxy"
-
-[[routes]]
-name = "hub"
-registries = ["docker.io"]
-backends = ["harbor"]
-default = true
-"#,
-        header = config_header(&lab.path().join("ledger.db")),
-        url = harbor.url(),
-    );
+    let config = harbor_only_config(&lab, &harbor, None);
     let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
     let seeded = issuer.requests().len();
     let issued_before = issuer.issued();
@@ -1521,23 +1519,7 @@ fn expired_token_is_replaced() {
     let harbor = Registry::start(lab.dir("harbor"), RegistryOpts::plain().token(&issuer));
     let (admin, admin_pass) = issuer.admin_creds();
     push_with_creds("small", &format!("{}/hub-proxy/library/small:oci", harbor.addr()), Format::Oci, admin, admin_pass);
-    let config = format!(
-        r#"{header}
-[backends.harbor]
-url = "{url}"
-prefix = "hub-proxy"
-username = "{robot}"
-password = "{robot_pass}"
-
-[[routes]]
-name = "hub"
-registries = ["docker.io"]
-backends = ["harbor"]
-default = true
-"#,
-        header = config_header(&lab.path().join("ledger.db")),
-        url = harbor.url(),
-    );
+    let config = harbor_only_config(&lab, &harbor, Some((robot, robot_pass)));
     let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
     let get = |path: &str, headers: &[(&str, &str)]| http("GET", &format!("{}{path}", regmux.url()), headers);
     let pull = || {
@@ -1584,23 +1566,7 @@ fn refused_cached_token_is_replaced_once() {
     let mut harbor = Registry::start(lab.dir("harbor"), RegistryOpts::plain().token(&first));
     let (admin, admin_pass) = first.admin_creds();
     push_with_creds("small", &format!("{}/hub-proxy/library/small:oci", harbor.addr()), Format::Oci, admin, admin_pass);
-    let config = format!(
-        r#"{header}
-[backends.harbor]
-url = "{url}"
-prefix = "hub-proxy"
-username = "{robot}"
-password = "{robot_pass}"
-
-[[routes]]
-name = "hub"
-registries = ["docker.io"]
-backends = ["harbor"]
-default = true
-"#,
-        header = config_header(&lab.path().join("ledger.db")),
-        url = harbor.url(),
-    );
+    let config = harbor_only_config(&lab, &harbor, Some((robot, robot_pass)));
     let regmux = Regmux::start(env!("CARGO_BIN_EXE_regmux"), lab.dir("regmux"), &config);
     let get = |path: &str, headers: &[(&str, &str)]| http("GET", &format!("{}{path}", regmux.url()), headers);
     assert_manifest(&get("/v2/small/manifests/oci", &accept_manifests()), "small", Format::Oci, OCI_MANIFEST);

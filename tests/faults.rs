@@ -1538,6 +1538,14 @@ fn peak_rss_sampler(pid: u32) -> JoinHandle<Option<u64>> {
     })
 }
 
+/// Backend `reg` and the default route `hub` (Docker Hub) with only that backend.
+fn one_backend_route(reg: &Registry) -> String {
+    format!(
+        "[backends.reg]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"reg\"]\ndefault = true\n",
+        q(reg.url())
+    )
+}
+
 fn stop_signal_finishes_the_running_download(signal: &str) {
     let lab = Lab::new();
     let reg = Registry::start(lab.dir("reg"), RegistryOpts::plain());
@@ -1545,14 +1553,7 @@ fn stop_signal_finishes_the_running_download(signal: &str) {
     let big = write_big_file(&big_path, 2);
     let mut f = fs::File::open(&big_path).expect("open big file");
     upload_blob(&reg.url(), "library/alpine", &mut f, BIG, &big);
-    let config = regmux_config(
-        &lab,
-        "",
-        &format!(
-            "[backends.reg]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"reg\"]\ndefault = true\n",
-            q(reg.url())
-        ),
-    );
+    let config = regmux_config(&lab, "", &one_backend_route(&reg));
     let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
     let rss = peak_rss_sampler(regmux.pid());
     let mut download =
@@ -1603,14 +1604,7 @@ fn sigterm_after_the_last_chunk_still_delivers_the_end_to_a_slow_client() {
     let bytes = random_bytes(77, SIZE as usize);
     let digest = sha256_bytes(&bytes);
     upload_blob(&reg.url(), "library/alpine", &mut &bytes[..], SIZE, &digest);
-    let config = regmux_config(
-        &lab,
-        "",
-        &format!(
-            "[backends.reg]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"reg\"]\ndefault = true\n",
-            q(reg.url())
-        ),
-    );
+    let config = regmux_config(&lab, "", &one_backend_route(&reg));
     let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
     let mut download =
         Download::start(&format!("{}/v2/library/alpine/blobs/{digest}", regmux.url()), &lab.dir("download"), "1M");
@@ -1646,14 +1640,7 @@ fn shutdown_grace_cuts_a_download_that_outlasts_it() {
     let big = write_big_file(&big_path, 3);
     let mut f = fs::File::open(&big_path).expect("open big file");
     upload_blob(&reg.url(), "library/alpine", &mut f, BIG, &big);
-    let config = regmux_config(
-        &lab,
-        "shutdown_grace = \"1s\"\n",
-        &format!(
-            "[backends.reg]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"reg\"]\ndefault = true\n",
-            q(reg.url())
-        ),
-    );
+    let config = regmux_config(&lab, "shutdown_grace = \"1s\"\n", &one_backend_route(&reg));
     let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
     let mut download =
         Download::start(&format!("{}/v2/library/alpine/blobs/{big}", regmux.url()), &lab.dir("download"), SLOW_RATE);
