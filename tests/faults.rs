@@ -1538,11 +1538,11 @@ fn peak_rss_sampler(pid: u32) -> JoinHandle<Option<u64>> {
     })
 }
 
-/// Backend `reg` and the default route `hub` (Docker Hub) with only that backend.
-fn one_backend_route(reg: &Registry) -> String {
+/// Backend `name` at `url` and the default route `hub` (Docker Hub) with only that backend.
+fn one_backend_route(name: &str, url: &str) -> String {
     format!(
-        "[backends.reg]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"reg\"]\ndefault = true\n",
-        q(reg.url())
+        "[backends.{name}]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"{name}\"]\ndefault = true\n",
+        q(url)
     )
 }
 
@@ -1553,7 +1553,7 @@ fn stop_signal_finishes_the_running_download(signal: &str) {
     let big = write_big_file(&big_path, 2);
     let mut f = fs::File::open(&big_path).expect("open big file");
     upload_blob(&reg.url(), "library/alpine", &mut f, BIG, &big);
-    let config = regmux_config(&lab, "", &one_backend_route(&reg));
+    let config = regmux_config(&lab, "", &one_backend_route("reg", &reg.url()));
     let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
     let rss = peak_rss_sampler(regmux.pid());
     let mut download =
@@ -1604,7 +1604,7 @@ fn sigterm_after_the_last_chunk_still_delivers_the_end_to_a_slow_client() {
     let bytes = random_bytes(77, SIZE as usize);
     let digest = sha256_bytes(&bytes);
     upload_blob(&reg.url(), "library/alpine", &mut &bytes[..], SIZE, &digest);
-    let config = regmux_config(&lab, "", &one_backend_route(&reg));
+    let config = regmux_config(&lab, "", &one_backend_route("reg", &reg.url()));
     let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
     let mut download =
         Download::start(&format!("{}/v2/library/alpine/blobs/{digest}", regmux.url()), &lab.dir("download"), "1M");
@@ -1640,7 +1640,7 @@ fn shutdown_grace_cuts_a_download_that_outlasts_it() {
     let big = write_big_file(&big_path, 3);
     let mut f = fs::File::open(&big_path).expect("open big file");
     upload_blob(&reg.url(), "library/alpine", &mut f, BIG, &big);
-    let config = regmux_config(&lab, "shutdown_grace = \"1s\"\n", &one_backend_route(&reg));
+    let config = regmux_config(&lab, "shutdown_grace = \"1s\"\n", &one_backend_route("reg", &reg.url()));
     let mut regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
     let mut download =
         Download::start(&format!("{}/v2/library/alpine/blobs/{big}", regmux.url()), &lab.dir("download"), SLOW_RATE);
@@ -1936,14 +1936,7 @@ fn check_cut_off(what: &str, ended: Option<Duration>, got: &[u8]) -> Result<(), 
 fn oversized_headers_get_431_and_slow_clients_are_cut_off() {
     let lab = Lab::new();
     let backend = FakeServer::start("limits-backend", empty_registry);
-    let config = regmux_config(
-        &lab,
-        "",
-        &format!(
-            "[backends.b]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"b\"]\ndefault = true\n",
-            q(backend.url())
-        ),
-    );
+    let config = regmux_config(&lab, "", &one_backend_route("b", &backend.url()));
     let regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
     let ping = format!("{}/v2/", regmux.url());
 
@@ -2140,14 +2133,7 @@ fn idle_client(addr: String, proto: Proto, ready: std::sync::mpsc::Sender<()>) -
 fn idle_connections_are_closed_so_a_small_connection_cap_frees_up() {
     let lab = Lab::new();
     let backend = FakeServer::start("idle-backend", empty_registry);
-    let config = regmux_config(
-        &lab,
-        "max_connections = 8\n",
-        &format!(
-            "[backends.b]\nurl = {}\n\n[[routes]]\nname = \"hub\"\nregistries = [\"docker.io\"]\nbackends = [\"b\"]\ndefault = true\n",
-            q(backend.url())
-        ),
-    );
+    let config = regmux_config(&lab, "max_connections = 8\n", &one_backend_route("b", &backend.url()));
     let regmux = Regmux::start(BIN, lab.dir("regmux"), &config);
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let clients: Vec<_> = [Proto::Http1, Proto::H2c]
