@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -186,27 +186,19 @@ pub async fn run(
     }
 }
 
-/// Requests in progress on one connection, since when it has had none, and how its writes go.
+/// Requests in progress on one connection, since when it has had none, and whether bytes wait for
+/// the client.
 struct Activity {
     open: AtomicUsize,
     idle_since: Mutex<Instant>,
-    started: Instant,
-    /// Milliseconds after `started` of the last write that moved bytes to the socket.
-    last_write_ms: AtomicU64,
     /// The last write found the socket full: hyper holds bytes a slow client has not taken yet.
+    /// (Whether bytes went out lately does not count: HTTP/2 keep-alive PINGs are writes too.)
     blocked: AtomicBool,
 }
 
 impl Activity {
     fn new() -> Activity {
-        let now = Instant::now();
-        Activity {
-            open: AtomicUsize::new(0),
-            idle_since: Mutex::new(now),
-            started: now,
-            last_write_ms: AtomicU64::new(0),
-            blocked: AtomicBool::new(false),
-        }
+        Activity { open: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()), blocked: AtomicBool::new(false) }
     }
 
     /// Since when the connection has had no request in progress and nothing left to send; `None`
@@ -218,7 +210,7 @@ impl Activity {
         if self.open.load(Ordering::SeqCst) != 0 || self.blocked.load(Ordering::Relaxed) {
             return None;
         }
-        Some(since.max(self.last_write()))
+        Some(since)
     }
 
     /// No request in progress, but the end of the last response still waits for the client.
@@ -226,17 +218,10 @@ impl Activity {
         self.open.load(Ordering::SeqCst) == 0 && self.blocked.load(Ordering::Relaxed)
     }
 
-    fn last_write(&self) -> Instant {
-        self.started + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed))
-    }
-
     /// Note how a write went.
     fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
         match r {
-            Poll::Ready(Ok(n)) if *n > 0 => {
-                self.last_write_ms.fetch_max(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                self.blocked.store(false, Ordering::Relaxed);
-            }
+            Poll::Ready(Ok(n)) if *n > 0 => self.blocked.store(false, Ordering::Relaxed),
             Poll::Pending => self.blocked.store(true, Ordering::Relaxed),
             _ => {}
         }
